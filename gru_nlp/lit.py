@@ -1,0 +1,188 @@
+"""The LightningModule around BiGRUClassifier: loss, metrics, optimiser, schedule, checkpoint extras."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from gru_nlp.model import BiGRUClassifier, Pooling
+
+# Everything inference needs besides the weights lives under this key of the checkpoint.
+CHECKPOINT_KEY = "gru_nlp"
+CHECKPOINT_FORMAT = 1
+
+
+class LitClassifier(L.LightningModule):
+    """Trains a BiGRUClassifier.
+
+    Args:
+        vocab_size: linked from the data module's tokenizer; not set by hand.
+        num_classes: linked from the data module's label set; not set by hand.
+        label_names: linked from the data module; stored in the checkpoint.
+        pad_id: linked from the data module's tokenizer.
+        embedding_dim: token embedding size E.
+        hidden_size: GRU state size per direction H.
+        num_layers: stacked GRU layers.
+        bidirectional: add a right-to-left GRU.
+        dropout: between GRU layers and before the classifier.
+        embedding_dropout: word dropout on the embeddings.
+        pooling: "attention", "mean" or "max".
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay (not applied to biases or the embedding).
+        warmup: fraction of all optimiser steps spent warming the learning rate up linearly.
+        min_lr_ratio: the cosine decay ends at lr * min_lr_ratio.
+        label_smoothing: cross-entropy label smoothing.
+        class_weights: optional per-class loss weights, in label order.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        label_names: list[str] | None = None,
+        pad_id: int = 0,
+        embedding_dim: int = 128,
+        hidden_size: int = 128,
+        num_layers: int = 2,
+        bidirectional: bool = True,
+        dropout: float = 0.3,
+        embedding_dropout: float = 0.1,
+        pooling: Pooling = "attention",
+        lr: float = 2e-3,
+        weight_decay: float = 0.01,
+        warmup: float = 0.05,
+        min_lr_ratio: float = 0.0,
+        label_smoothing: float = 0.0,
+        class_weights: list[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if label_names is not None and len(label_names) != num_classes:
+            raise ValueError(f"label_names has {len(label_names)} names but num_classes is {num_classes}")
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise ValueError(f"class_weights has {len(class_weights)} values but num_classes is {num_classes}")
+        self.save_hyperparameters()
+        self.label_names = label_names or [str(i) for i in range(num_classes)]
+        self.model = BiGRUClassifier(
+            vocab_size=vocab_size,
+            num_classes=num_classes,
+            embedding_dim=embedding_dim,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            bidirectional=bidirectional,
+            dropout=dropout,
+            embedding_dropout=embedding_dropout,
+            pooling=pooling,
+            pad_id=pad_id,
+        )
+        weight = torch.tensor(class_weights, dtype=torch.float) if class_weights else None
+        self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "f1": MulticlassF1Score(num_classes, average="macro"),
+            }
+        )
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        # Filled from the data module at fit time, or from a checkpoint; saved with every checkpoint.
+        self.inference_config: dict[str, Any] = {}
+
+    def forward(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
+        """(B, T) ids and (B,) lengths -> (B, K) logits."""
+        return self.model(input_ids, lengths).logits
+
+    def _shared_step(self, batch: dict[str, Tensor], metrics: MetricCollection) -> Tensor:
+        logits = self(batch["input_ids"], batch["lengths"])  # (B, K)
+        loss = self.loss_fn(logits.float(), batch["labels"])
+        metrics.update(logits.detach(), batch["labels"])
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self._shared_step(batch, self.train_metrics)
+        batch_size = batch["labels"].numel()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss = self._shared_step(batch, self.val_metrics)
+        batch_size = batch["labels"].numel()
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log_dict(self.val_metrics, prog_bar=True, batch_size=batch_size)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss = self._shared_step(batch, self.test_metrics)
+        batch_size = batch["labels"].numel()
+        self.log("test/loss", loss, batch_size=batch_size, sync_dist=True)
+        self.log_dict(self.test_metrics, batch_size=batch_size)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        probs = torch.softmax(self(batch["input_ids"], batch["lengths"]).float(), dim=-1)  # (B, K)
+        prediction = {"probs": probs, "label_ids": probs.argmax(dim=-1)}
+        if "index" in batch:
+            prediction["index"] = batch["index"]
+        return prediction
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, parameter in self.model.named_parameters():
+            # Biases and embedding rows gain nothing from being pulled towards zero.
+            (no_decay if parameter.ndim < 2 or name.startswith("embedding.") else decay).append(parameter)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hparams.lr,
+        )
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup_steps = int(self.hparams.warmup * total_steps)
+        schedule = warmup_cosine(warmup_steps, total_steps, self.hparams.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "tokenizer"):
+            self.inference_config = {
+                "tokenizer": datamodule.tokenizer.to_str(),
+                "max_length": datamodule.hparams.get("max_length", getattr(datamodule, "max_length", None)),
+                "truncation": datamodule.hparams.get("truncation", getattr(datamodule, "truncation", None)),
+            }
+            if self.trainer.is_global_zero and self.trainer.log_dir:
+                # The run folder carries its tokenizer too, for tools that read it without a checkpoint.
+                from gru_nlp.tokenizer import save_tokenizer
+
+                save_tokenizer(datamodule.tokenizer, f"{self.trainer.log_dir}/tokenizer.json")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "format_version": CHECKPOINT_FORMAT,
+            "label_names": list(self.label_names),
+            **self.inference_config,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extras = dict(checkpoint.get(CHECKPOINT_KEY, {}))
+        extras.pop("format_version", None)
+        extras.pop("label_names", None)
+        self.inference_config = extras
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+    """Learning-rate multiplier: linear warm-up to 1, then cosine decay to min_ratio."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier

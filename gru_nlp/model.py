@@ -1,0 +1,145 @@
+"""The BiGRU text classifier, in plain PyTorch.
+
+Shape legend: B batch, T padded length, V vocabulary size, E embedding dim,
+H hidden size per direction, D directions (1 or 2), K classes.
+
+    input_ids (B, T) -> embedding (B, T, E) -> PaddingSafeGRU (B, T, D*H)
+      -> pooling over the real tokens (B, D*H) -> dropout -> linear (B, K)
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from gru_nlp.gru import PaddingSafeGRU
+
+Pooling = Literal["attention", "mean", "max"]
+
+
+def lengths_to_mask(lengths: Tensor, max_length: int) -> Tensor:
+    """(B,) lengths -> (B, T) bool mask, True on real tokens."""
+    return torch.arange(max_length, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class AttentionPooling(nn.Module):
+    """Additive attention (Bahdanau-style) pooling over the real tokens of a sequence.
+
+    score_t = v^T tanh(W h_t + b); weights = softmax over t of the scores, with padding
+    scored at the dtype's minimum so it gets exactly zero weight.
+    """
+
+    def __init__(self, input_dim: int, attention_dim: int | None = None) -> None:
+        super().__init__()
+        attention_dim = attention_dim or input_dim
+        self.project = nn.Linear(input_dim, attention_dim)
+        self.score = nn.Linear(attention_dim, 1, bias=False)
+
+    def forward(self, states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Pool states into one vector.
+
+        Args:
+            states: (B, T, C) per-token states.
+            mask: (B, T) True on real tokens; every row has at least one.
+
+        Returns:
+            pooled (B, C) and weights (B, T) that sum to 1 over the real tokens.
+        """
+        scores = self.score(torch.tanh(self.project(states))).squeeze(-1)  # (B, T)
+        # Fill padding with the dtype's minimum, not -inf: a fully masked row would give NaN.
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores.float(), dim=-1)  # (B, T)
+        pooled = torch.bmm(weights.to(states.dtype).unsqueeze(1), states).squeeze(1)  # (B, C)
+        return pooled, weights
+
+
+def mean_pool(states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Average of the real tokens; weights are uniform over them."""
+    weights = mask.float() / mask.sum(dim=1, keepdim=True)  # (B, T)
+    pooled = torch.bmm(weights.to(states.dtype).unsqueeze(1), states).squeeze(1)  # (B, C)
+    return pooled, weights
+
+
+def max_pool(states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Feature-wise maximum over the real tokens; a token's weight is its share of the maxima."""
+    masked = states.masked_fill(~mask[..., None], torch.finfo(states.dtype).min)  # (B, T, C)
+    pooled, winners = masked.max(dim=1)  # (B, C), (B, C)
+    counts = torch.zeros(mask.shape, device=states.device).scatter_add_(
+        1, winners, torch.ones(winners.shape, device=states.device)
+    )  # (B, T)
+    return pooled, counts / states.size(-1)
+
+
+class ClassifierOutput(NamedTuple):
+    logits: Tensor  # (B, K)
+    attention: Tensor  # (B, T), sums to 1 over the real tokens
+
+
+class BiGRUClassifier(nn.Module):
+    """Embedding -> stacked bidirectional GRU -> masked pooling -> linear classifier.
+
+    Args:
+        vocab_size: V, the tokenizer's vocabulary size.
+        num_classes: K, the number of labels.
+        embedding_dim: E.
+        hidden_size: H, per direction.
+        num_layers: stacked GRU layers.
+        bidirectional: read right-to-left too (doubles the pooled size).
+        dropout: between GRU layers and before the classifier.
+        embedding_dropout: probability of dropping a whole token's embedding in training
+            (word dropout), which regularises more than dropping single features.
+        pooling: "attention" (additive), "mean" or "max".
+        pad_id: the padding token id; its embedding stays zero.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        embedding_dim: int = 128,
+        hidden_size: int = 128,
+        num_layers: int = 2,
+        bidirectional: bool = True,
+        dropout: float = 0.3,
+        embedding_dropout: float = 0.1,
+        pooling: Pooling = "attention",
+        pad_id: int = 0,
+    ) -> None:
+        super().__init__()
+        if pooling not in ("attention", "mean", "max"):
+            raise ValueError(f"pooling must be 'attention', 'mean' or 'max', got {pooling!r}")
+        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=pad_id)
+        self.embedding_dropout = embedding_dropout
+        self.gru = PaddingSafeGRU(embedding_dim, hidden_size, num_layers, bidirectional, dropout)
+        output_dim = hidden_size * (2 if bidirectional else 1)
+        self.attention = AttentionPooling(output_dim) if pooling == "attention" else None
+        self.pooling = pooling
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(output_dim, num_classes)
+
+    def forward(self, input_ids: Tensor, lengths: Tensor) -> ClassifierOutput:
+        """Classify a right-padded batch.
+
+        Args:
+            input_ids: (B, T) token ids, padded on the right.
+            lengths: (B,) number of real tokens per row, each in [1, T].
+
+        Returns:
+            ClassifierOutput with logits (B, K) and attention (B, T).
+        """
+        mask = lengths_to_mask(lengths.to(input_ids.device), input_ids.size(1))  # (B, T)
+        embedded = self.embedding(input_ids)  # (B, T, E)
+        if self.training and self.embedding_dropout > 0:
+            keep = torch.rand(embedded.shape[:2], device=embedded.device) >= self.embedding_dropout  # (B, T)
+            embedded = embedded * keep[..., None] / (1 - self.embedding_dropout)
+        states = self.gru(embedded, lengths)  # (B, T, D*H)
+        if self.attention is not None:
+            pooled, weights = self.attention(states, mask)  # (B, D*H), (B, T)
+        elif self.pooling == "mean":
+            pooled, weights = mean_pool(states, mask)
+        else:
+            pooled, weights = max_pool(states, mask)
+        logits = self.classifier(self.dropout(pooled))  # (B, K)
+        return ClassifierOutput(logits, weights)
