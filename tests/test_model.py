@@ -1,0 +1,100 @@
+"""BiGRUClassifier: shapes, padding invariance, pooling, and that it can learn."""
+
+import pytest
+import torch
+
+from gru_nlp.model import BiGRUClassifier, lengths_to_mask
+
+# Odd, all-different sizes so a swapped dimension cannot pass by accident.
+B, T, V, E, H, K = 3, 7, 50, 8, 6, 5
+
+
+def make_model(**overrides) -> BiGRUClassifier:
+    torch.manual_seed(0)
+    kwargs = dict(vocab_size=V, num_classes=K, embedding_dim=E, hidden_size=H, num_layers=2, dropout=0.2)
+    return BiGRUClassifier(**(kwargs | overrides)).eval()
+
+
+def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([T, 4, 1])
+    input_ids = torch.randint(1, V, (B, T), generator=generator)
+    input_ids[lengths_to_mask(lengths, T).logical_not()] = 0
+    return input_ids, lengths
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("pooling", ["attention", "mean", "max"])
+def test_output_shapes(bidirectional, pooling):
+    model = make_model(bidirectional=bidirectional, pooling=pooling)
+    input_ids, lengths = padded_batch()
+    output = model(input_ids, lengths)
+    assert output.logits.shape == (B, K)
+    assert output.attention.shape == (B, T)
+    assert model.gru(model.embedding(input_ids), lengths).shape == (B, T, H * (2 if bidirectional else 1))
+
+
+@pytest.mark.parametrize("pooling", ["attention", "mean", "max"])
+def test_weights_sum_to_one_over_real_tokens_and_zero_on_padding(pooling):
+    model = make_model(pooling=pooling)
+    input_ids, lengths = padded_batch()
+    weights = model(input_ids, lengths).attention
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(B))
+    assert torch.all(weights[~lengths_to_mask(lengths, T)] == 0)
+
+
+@pytest.mark.parametrize("pooling", ["attention", "mean", "max"])
+def test_a_text_alone_and_inside_a_padded_batch_give_the_same_logits(pooling):
+    model = make_model(pooling=pooling)
+    input_ids, lengths = padded_batch()
+    batched = model(input_ids, lengths)
+    for row in range(B):
+        n = int(lengths[row])
+        alone = model(input_ids[row : row + 1, :n], lengths[row : row + 1])
+        torch.testing.assert_close(alone.logits[0], batched.logits[row], atol=1e-5, rtol=0)
+        torch.testing.assert_close(alone.attention[0], batched.attention[row, :n], atol=1e-5, rtol=0)
+
+
+def test_padding_content_cannot_change_a_prediction():
+    model = make_model()
+    input_ids, lengths = padded_batch()
+    noisy = input_ids.clone()
+    noisy[~lengths_to_mask(lengths, T)] = 7  # garbage where padding should be
+    torch.testing.assert_close(model(input_ids, lengths).logits, model(noisy, lengths).logits, atol=1e-6, rtol=0)
+
+
+def test_rejects_unknown_pooling():
+    with pytest.raises(ValueError, match="pooling"):
+        make_model(pooling="sum")
+
+
+def test_fits_a_tiny_separable_dataset():
+    torch.manual_seed(0)
+    # Class = which of three marker tokens appears somewhere in a random-length sequence.
+    n, num_classes = 48, 3
+    lengths = torch.randint(2, 12, (n,))
+    input_ids = torch.randint(10, 40, (n, 12)) * lengths_to_mask(lengths, 12)
+    labels = torch.arange(n) % num_classes
+    positions = (torch.rand(n) * lengths).long()
+    input_ids[torch.arange(n), positions] = labels + 1
+    model = BiGRUClassifier(vocab_size=40, num_classes=num_classes, embedding_dim=16, hidden_size=16, num_layers=1, dropout=0.0, embedding_dropout=0.0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(model(input_ids, lengths).logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    accuracy = (model(input_ids, lengths).logits.argmax(-1) == labels).float().mean()
+    assert accuracy == 1.0
+
+
+def test_embedding_dropout_drops_whole_tokens_only_in_training():
+    model = make_model(embedding_dropout=0.5)
+    input_ids, lengths = padded_batch()
+    model.eval()
+    first = model(input_ids, lengths).logits
+    torch.testing.assert_close(first, model(input_ids, lengths).logits)
+    model.train()
+    torch.manual_seed(3)
+    assert not torch.allclose(model(input_ids, lengths).logits, first)
