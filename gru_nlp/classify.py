@@ -1,0 +1,173 @@
+"""``gru-nlp classify``: classify texts from arguments, a file or stdin, writing JSON lines.
+
+    gru-nlp classify --ckpt best.ckpt "A quiet, moving film." "Dull."
+    gru-nlp classify --ckpt best.ckpt --input reviews.jsonl --text-field review --output out.jsonl
+    cat reviews.txt | gru-nlp classify --ckpt best.ckpt --explain --method integrated_gradients
+
+Each input text gives one output line, in input order:
+``{"text": ..., "label": ..., "score": ..., "probs": {label: prob}}`` (plus ``"empty": true``
+for a text with no tokens, and ``"explanation"`` with ``--explain``). Plain-text input is one
+text per line, blank lines included, so output line i always belongs to input line i.
+
+Mistakes (a missing file, a bad checkpoint, a missing column) print one line to stderr
+and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import IO
+
+from gru_nlp.api import METHODS, TextClassifier
+
+# Texts read and classified together; bounds memory on huge inputs while keeping batches full.
+CHUNK_SIZE = 2048
+# Below this many texts a progress bar is noise.
+PROGRESS_MIN_TEXTS = 2000
+
+
+class InputError(ValueError):
+    """The input file cannot be read as asked (e.g. a missing column)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``gru-nlp classify`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="gru-nlp classify",
+        description="Classify texts with a trained checkpoint; writes one JSON line per text.",
+    )
+    parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (else --input, else stdin)")
+    parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint saved by gru-nlp fit")
+    parser.add_argument(
+        "--input",
+        type=Path,
+        help="file of texts: .csv or .jsonl (the --text-field column), else one text per line",
+    )
+    parser.add_argument("--text-field", default="text", help="column holding the text in .csv / .jsonl input")
+    parser.add_argument("--output", type=Path, help="write here (atomically) instead of stdout")
+    parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--quantize", action="store_true", help="int8 dynamic quantization (CPU)")
+    parser.add_argument("--explain", action="store_true", help="add per-word weights (one pass per text; slower)")
+    parser.add_argument("--method", choices=METHODS, default="attention", help="explanation method for --explain")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run ``gru-nlp classify`` with ``argv`` (without the ``classify`` word)."""
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    # CheckpointError, InputError and UnicodeDecodeError are ValueErrors, as are user
+    # mistakes such as --quantize with --device cuda; FileNotFoundError is an OSError.
+    except (ValueError, OSError, csv.Error) as error:
+        print(f"gru-nlp classify: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(args: argparse.Namespace) -> None:
+    """Classify the texts ``args`` names and write the JSON lines."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.input is not None and not args.input.is_file():
+        raise FileNotFoundError(f"input file not found: {args.input}")
+    classifier = TextClassifier.from_checkpoint(args.ckpt, device=args.device, quantize=args.quantize)
+    if args.texts:
+        texts: Iterable[str] = args.texts
+    elif args.input is not None:
+        texts = read_texts(args.input, args.text_field)
+    else:
+        texts = (line.rstrip("\r\n") for line in sys.stdin)
+    show_progress = sys.stderr.isatty() and (args.input is not None or len(args.texts) >= PROGRESS_MIN_TEXTS)
+    if args.output is None:
+        write_lines(classifier, texts, sys.stdout, args, show_progress)
+        return
+    # Write beside the target and rename, so a crash never leaves half a file under its name.
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=args.output.parent, prefix=f".{args.output.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            write_lines(classifier, texts, out, args, show_progress)
+        os.replace(tmp, args.output)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_lines(
+    classifier: TextClassifier, texts: Iterable[str], out: IO[str], args: argparse.Namespace, show_progress: bool
+) -> None:
+    """Classify ``texts`` chunk by chunk and write one JSON line each to ``out``."""
+    progress = _progress_bar() if show_progress else None
+    iterator = iter(texts)
+    while chunk := list(islice(iterator, CHUNK_SIZE)):
+        for prediction in classifier.predict(chunk, batch_size=args.batch_size):
+            record = prediction.to_dict()
+            if prediction.empty:
+                record["empty"] = True
+            if args.explain:
+                explanation = classifier.explain(prediction.text, method=args.method)
+                record["explanation"] = {
+                    "method": explanation.method,
+                    "words": explanation.words,
+                    "weights": [round(float(w), 6) for w in explanation.weights],
+                    "attributions": [round(float(a), 6) for a in explanation.attributions],
+                }
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if progress is not None:
+            progress.update(len(chunk))
+    if progress is not None:
+        progress.close()
+
+
+def read_texts(path: Path, text_field: str = "text") -> Iterator[str]:
+    """Texts from ``path``: a column of a .csv, a field of a .jsonl, else one per line.
+
+    Raises:
+        InputError: the column or field is missing, a value is not a string, or a
+            .jsonl line is not JSON.
+    """
+    suffix = path.suffix.lower()
+    with path.open(encoding="utf-8", newline="" if suffix == ".csv" else None) as file:
+        if suffix == ".csv":
+            reader = csv.DictReader(file)
+            if reader.fieldnames is None or text_field not in reader.fieldnames:
+                raise InputError(
+                    f"{path}: no column {text_field!r} (columns: {', '.join(reader.fieldnames or [])}); "
+                    "choose one with --text-field"
+                )
+            for row in reader:
+                yield row[text_field] or ""
+        elif suffix == ".jsonl":
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise InputError(f"{path}:{number}: not a JSON line ({error.msg})") from None
+                if not isinstance(record, dict) or text_field not in record:
+                    raise InputError(f"{path}:{number}: no field {text_field!r}; choose one with --text-field")
+                if not isinstance(record[text_field], str):
+                    raise InputError(f"{path}:{number}: field {text_field!r} is not a string")
+                yield record[text_field]
+        else:
+            for line in file:
+                yield line.rstrip("\r\n")
+
+
+def _progress_bar():
+    """A tqdm bar on stderr, or None where tqdm is not installed (it comes with Lightning)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(unit=" texts", file=sys.stderr, dynamic_ncols=True)

@@ -1,0 +1,162 @@
+"""TextClassifier: predictions match the model, batching keeps order, explanations add up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gru_nlp.api import Int8GRU, Prediction, TextClassifier
+from gru_nlp.checkpoint import build_model, load_checkpoint
+from gru_nlp.tokenizer import encode
+
+TEXTS = [
+    "a bad dull film",
+    "good",
+    "great story , good ending , lovely and really a very good film overall",
+    "okay",
+    "awful . bad",
+    "lovely acting, plain plot and a boring ending",
+]
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_checkpoint) -> TextClassifier:
+    return TextClassifier.from_checkpoint(tiny_checkpoint, device="cpu")
+
+
+def test_round_trip_matches_model_logits(tiny_checkpoint, classifier):
+    model, tokenizer, labels, max_length, truncation = build_model(load_checkpoint(tiny_checkpoint))
+    predictions = classifier.predict(TEXTS, batch_size=4)
+    for text, prediction in zip(TEXTS, predictions):
+        (ids,) = encode(tokenizer, [text], max_length, truncation)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), torch.tensor([len(ids)])).logits
+        expected = torch.softmax(logits, dim=-1)[0].numpy()
+        np.testing.assert_allclose(list(prediction.probs.values()), expected, atol=1e-6)
+        assert prediction.label == labels[int(expected.argmax())]
+        assert prediction.score == pytest.approx(float(expected.max()))
+        assert prediction.text == text
+        assert prediction.num_tokens == len(ids)
+
+
+def test_order_preserved_with_mixed_lengths(classifier):
+    one_by_one = np.stack([classifier.predict_proba(text)[0] for text in TEXTS])
+    batched = classifier.predict_proba(TEXTS, batch_size=2)
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-6)
+    reversed_order = classifier.predict_proba(TEXTS[::-1], batch_size=4)
+    np.testing.assert_allclose(reversed_order[::-1], one_by_one, atol=1e-6)
+
+
+def test_probabilities_shapes_and_determinism(classifier):
+    probs = classifier.predict_proba(TEXTS)
+    assert probs.shape == (len(TEXTS), 3) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(probs, classifier.predict_proba(TEXTS))
+    assert classifier.labels == ["neg", "neu", "pos"]
+    single = classifier.predict("good")
+    assert isinstance(single, Prediction)
+    assert list(single.probs) == classifier.labels
+    assert sum(single.probs.values()) == pytest.approx(1.0)
+    assert classifier.predict([]) == [] and classifier.predict_proba([]).shape == (0, 3)
+
+
+def test_awkward_texts(classifier):
+    long_text = "good film " * 10_000  # 100,000 characters
+    texts = ["", "   \n\t", long_text, "😀🎬🍿", "\x00\x07\x1b[31m bad", "映画はとても良かった", "Фильм плохой", "ok\u200bay"]
+    predictions = classifier.predict(texts)
+    assert [p.empty for p in predictions] == [True, True, False, False, False, False, False, False]
+    assert predictions[2].num_tokens == classifier.max_length
+    for prediction in predictions:
+        assert prediction.label in classifier.labels
+        assert sum(prediction.probs.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text(max_size=60), min_size=1, max_size=5))
+def test_random_unicode_never_crashes(classifier, texts):
+    probs = classifier.predict_proba(texts, batch_size=2)
+    assert probs.shape == (len(texts), 3)
+    assert np.isfinite(probs).all() and (probs >= 0).all()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["attention", "grad_x_input", "integrated_gradients"])
+def test_explanation_words_and_weights(classifier, method):
+    text = "A  lovely,\tgood film"
+    explanation = classifier.explain(text, method=method)
+    assert explanation.words == text.split()
+    assert [text[start:end] for start, end in explanation.spans] == explanation.words
+    assert explanation.weights.shape == (len(explanation.words),)
+    assert explanation.weights.sum() == pytest.approx(1.0)
+    assert (explanation.weights >= 0).all()
+    assert explanation.method == method
+    assert explanation.prediction == classifier.predict(text)
+    if method == "attention":
+        np.testing.assert_allclose(explanation.attributions, explanation.weights)
+    else:
+        np.testing.assert_allclose(
+            np.abs(explanation.attributions) / np.abs(explanation.attributions).sum(), explanation.weights
+        )
+
+
+def test_integrated_gradients_complete(classifier):
+    """IG attributions sum to about logit(text) - logit(all-zero embeddings) for the predicted label."""
+    text = "lovely acting, awful plot"
+    explanation = classifier.explain(text, method="integrated_gradients")
+    (ids,) = classifier._encode([text])
+    input_ids, lengths = torch.tensor([ids]), torch.tensor([len(ids)])
+    target = classifier.labels.index(explanation.prediction.label)
+    model = classifier.model
+    with torch.no_grad():
+        full = model(input_ids, lengths).logits[0, target]
+        baseline = model(torch.zeros_like(input_ids), lengths).logits[0, target]  # pad embedding is zero
+    assert explanation.token_weights.sum() == pytest.approx(float(full - baseline), abs=0.05)
+
+
+def test_explain_edge_cases_and_gates(classifier):
+    empty = classifier.explain("")
+    assert empty.words == [] and empty.weights.shape == (0,) and empty.prediction.empty
+    assert "<b>" in empty.to_html()
+
+    explanation = classifier.explain("good <script>alert(1)</script> film", gates=True)
+    assert explanation.gates.shape == (2, 2, len(explanation.words))
+    assert np.nanmin(explanation.gates) >= 0 and np.nanmax(explanation.gates) <= 1
+    html = explanation.to_html()
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "\x1b[" in explanation.to_terminal(color=True)
+    plain = explanation.to_terminal(color=False)
+    assert "\x1b[" not in plain and len(plain.splitlines()) == 1 + len(explanation.words)
+    with pytest.raises(ValueError, match="method"):
+        classifier.explain("good", method="shap")
+
+
+def test_int8_gru_scheme_matches_fp32(classifier):
+    """Before quantization, the per-layer nn.GRU rebuild computes exactly what PaddingSafeGRU does."""
+    torch.manual_seed(0)
+    gru = classifier.model.gru
+    inputs = torch.randn(3, 7, gru.input_size)
+    lengths = torch.tensor([7, 2, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(Int8GRU(gru)(inputs, lengths), gru(inputs, lengths), atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_classifier_close_to_fp32(tiny_checkpoint, classifier):
+    quantized = TextClassifier.from_checkpoint(tiny_checkpoint, quantize=True)
+    assert quantized.quantized and quantized.device.type == "cpu"
+    probs = quantized.predict_proba(TEXTS)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probs, classifier.predict_proba(TEXTS), atol=0.05)
+    with pytest.raises(ValueError, match="CPU only"):
+        TextClassifier.from_checkpoint(tiny_checkpoint, device="cuda", quantize=True)
+
+
+def test_api_import_does_not_load_lightning_or_datasets():
+    code = "import sys, gru_nlp.api; print(sorted(m for m in ('lightning', 'pytorch_lightning', 'datasets') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,141 @@
+"""Checkpoints load without running code, and every kind of bad file gives a clear error."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from gru_nlp import checkpoint as ckpt
+from gru_nlp.checkpoint import CheckpointError, build_model, load_checkpoint
+
+
+def resave(source: Path, target: Path, mutate: Callable[[dict], None]) -> Path:
+    """Copy a checkpoint with ``mutate`` applied to its dict."""
+    data = torch.load(source, weights_only=True)
+    mutate(data)
+    torch.save(data, target)
+    return target
+
+
+class RunsCode:
+    """Unpickling this would create a marker file (if anything ran it)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_constants_match_lit():
+    from gru_nlp import lit
+
+    assert (ckpt.CHECKPOINT_KEY, ckpt.CHECKPOINT_FORMAT) == (lit.CHECKPOINT_KEY, lit.CHECKPOINT_FORMAT)
+
+
+def test_real_lightning_checkpoint_loads_weights_only(tiny_checkpoint):
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    model, tokenizer, labels, max_length, truncation = build_model(checkpoint)
+    assert labels == ["neg", "neu", "pos"]
+    assert (max_length, truncation) == (9, "head_tail")
+    assert not model.training
+    assert tokenizer.get_vocab_size() <= model.embedding.num_embeddings
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, checkpoint["state_dict"][f"model.{name}"])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
+        load_checkpoint(tmp_path / "nowhere.ckpt")
+
+
+def test_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="directory"):
+        load_checkpoint(tmp_path)
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": RunsCode(marker)}, path)
+    with pytest.raises(CheckpointError, match="refused.*system"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (os.urandom(2000), "not a PyTorch checkpoint"),
+        (b"epoch: 3\nthis is a text file\n", "not a PyTorch checkpoint"),
+        (b"", "truncated or corrupt"),
+    ],
+    ids=["random-bytes", "text-file", "empty-file"],
+)
+def test_not_a_checkpoint(tmp_path, content, message):
+    path = tmp_path / "bad.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_checkpoint(path)
+    assert str(path) in str(error.value)
+
+
+def test_truncated_checkpoint(tiny_checkpoint, tmp_path):
+    path = tmp_path / "cut.ckpt"
+    data = tiny_checkpoint.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+
+
+def test_plain_state_dict_is_not_a_gru_nlp_checkpoint(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, path)
+    with pytest.raises(CheckpointError, match="not a gru-nlp checkpoint"):
+        load_checkpoint(path)
+
+
+def _set(section: str, key: str, value) -> Callable[[dict], None]:
+    def mutate(data: dict) -> None:
+        data[section][key] = value
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (_set("gru_nlp", "format_version", 99), "unknown gru-nlp checkpoint format_version 99"),
+        (_set("gru_nlp", "label_names", ["neg", "pos"]), "2 label names for a model with num_classes=3"),
+        (_set("gru_nlp", "label_names", ["neg", "neg", "pos"]), "distinct strings"),
+        (_set("gru_nlp", "label_names", ["neg", 1, "pos"]), "distinct strings"),
+        (_set("gru_nlp", "max_length", 0), "max_length"),
+        (_set("gru_nlp", "truncation", "tail"), "truncation"),
+        (lambda data: data["gru_nlp"].pop("tokenizer"), "no 'tokenizer'"),
+        (lambda data: data["hyper_parameters"].pop("hidden_size"), "lack hidden_size"),
+    ],
+    ids=["format", "label-count", "label-duplicate", "label-type", "max-length", "truncation", "no-tokenizer", "hparam"],
+)
+def test_bad_metadata(tiny_checkpoint, tmp_path, mutate, message):
+    path = resave(tiny_checkpoint, tmp_path / "bad.ckpt", mutate)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (_set("gru_nlp", "tokenizer", '{"version": "1.0", "model": {"type": "Wor'), "tokenizer is corrupt"),
+        (_set("hyper_parameters", "hidden_size", 7), "weights do not fit"),
+        (_set("hyper_parameters", "pooling", "sum"), "do not describe a valid model"),
+    ],
+    ids=["tokenizer", "shape-mismatch", "bad-pooling"],
+)
+def test_bad_contents_found_when_building(tiny_checkpoint, tmp_path, mutate, message):
+    path = resave(tiny_checkpoint, tmp_path / "bad.ckpt", mutate)
+    with pytest.raises(CheckpointError, match=message):
+        build_model(load_checkpoint(path), source=path)
