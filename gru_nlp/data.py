@@ -1,0 +1,541 @@
+"""Load a labelled text dataset, tokenize it, and serve length-bucketed batches.
+
+`TextDataModule` reads a Hugging Face Hub dataset, a local folder or file of
+parquet/csv/json(l) data, or the original `aclImdb/` folder; turns labels into
+class ids; carves a stratified validation split when there is none; trains (or
+loads) the tokenizer on the training split only; and encodes every split once,
+in the `datasets` cache, so later runs start quickly.
+"""
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from collections import defaultdict
+from collections.abc import Collection, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import lightning as L
+from datasets import ClassLabel, Dataset, Features, Value
+from filelock import FileLock  # a dependency of torch and datasets
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader
+
+from gru_nlp.batching import BucketBatchSampler, collate
+from gru_nlp.tokenizer import PAD_ID, encode, load_tokenizer, save_tokenizer, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+DATA_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
+ACL_IMDB_LABELS = ["neg", "pos"]
+DEFAULT_CACHE_DIR = "~/.cache/gru_nlp"
+
+# Bump when the tokenizer recipe in gru_nlp.tokenizer changes, so cached tokenizers are retrained.
+_TOKENIZER_CACHE_VERSION = 1
+_SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")  # train-00000-of-00002.parquet is a shard of "train"
+_HUB_ID = re.compile(r"^\w[\w.-]*(/\w[\w.-]*)?$")  # "org/name" or "name"
+# Which splits each Lightning stage encodes; "predict" serves the test split, else validation.
+_STAGE_ROLES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+
+
+class TextDataModule(L.LightningDataModule):
+    """Text classification data: sources, labels, tokenizer and bucketed batches.
+
+    Sources, all given by `path`:
+
+    - a Hub dataset id (`"stanfordnlp/imdb"`, or `"glue"` with `name="sst2"`);
+    - a local folder of `.parquet`, `.csv`, `.json` or `.jsonl` files, one format
+      per folder, the file stem naming the split (`train`, `test`; `validation`,
+      `valid`, `val` or `dev` become `validation`; other stems such as `unsup`
+      are their own split and are read only if named);
+    - a single local data file, which becomes the `train` split;
+    - the original IMDB folder, `aclImdb/{train,test}/{pos,neg}/*.txt`, with
+      labels `neg`=0 and `pos`=1 (`train/unsup` is not read).
+
+    Rows: a row whose text is missing, not a string, or empty after stripping is
+    skipped, and a warning gives how many were skipped per split and the first
+    row index. A row with a missing (None or NaN) label is an error, as is a
+    validation or test label that the training split does not have.
+
+    Labels: a `ClassLabel` column keeps its names; integer labels are ids into
+    `label_names` when given, else the sorted distinct values become the classes;
+    string labels become ids in the order of `label_names` when given, else in
+    sorted order.
+
+    Validation: `val_split` when given; else the source's `validation` split
+    (unless it is the test split); else a seeded, label-stratified part of the
+    training split, `val_size` of it.
+
+    The properties `tokenizer`, `vocab_size`, `num_classes`, `label_names` and
+    `pad_id` work right after construction (LightningCLI links them into the
+    model): the first access loads the data and trains or loads the tokenizer,
+    once. A trained tokenizer is cached on disk, keyed by the training split's
+    fingerprint and the tokenizer settings, so another run, or another process
+    of a DDP run, gets the identical tokenizer. Note that the `vocab_size` and
+    `label_names` arguments are requests; the properties of the same names give
+    what the data and tokenizer turned out to have.
+
+    Args:
+        path: A Hub dataset id, or a local folder or file (see above).
+        name: The Hub dataset's configuration, e.g. `"sst2"` for `"glue"`.
+        text_field: The column holding the text.
+        label_field: The column holding the label.
+        label_names: The class names, in id order (see Labels above).
+        train_split: The split to train on.
+        val_split: The split to validate on; None picks one (see Validation above).
+        test_split: The split to test and predict on, or None for none.
+        val_size: The part of the training split carved off for validation when
+            there is no validation split: a fraction below 1, or a count.
+        seed: Seeds the validation carve and the training batch order.
+        tokenizer_path: A saved `tokenizer.json` to use instead of training one.
+        vocab_size: The most tokens a trained tokenizer may have.
+        tokenizer_model: The subword model to train, `"wordpiece"` or `"bpe"`.
+        lowercase: Whether the trained tokenizer lowercases.
+        min_frequency: How often a pair must occur to become a token.
+        max_length: The most tokens kept per text.
+        truncation: Which tokens a longer text keeps: `"head"`, or `"head_tail"`
+            (the first quarter and the last three quarters of `max_length`).
+        batch_size: Training examples per batch.
+        eval_batch_size: Examples per evaluation batch; defaults to `2 * batch_size`.
+        pool_size: How many batches' worth of examples are sorted by length
+            together; larger pools mean less padding but less shuffling.
+        num_workers: DataLoader worker processes.
+        cache_dir: Where `datasets` and the tokenizer cache live; defaults to
+            the `datasets` default and `~/.cache/gru_nlp`.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        name: str | None = None,
+        text_field: str = "text",
+        label_field: str = "label",
+        label_names: list[str] | None = None,
+        train_split: str = "train",
+        val_split: str | None = None,
+        test_split: str | None = "test",
+        val_size: float = 0.1,
+        seed: int = 42,
+        tokenizer_path: str | None = None,
+        vocab_size: int = 30000,
+        tokenizer_model: Literal["wordpiece", "bpe"] = "wordpiece",
+        lowercase: bool = True,
+        min_frequency: int = 2,
+        max_length: int = 512,
+        truncation: Literal["head", "head_tail"] = "head_tail",
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        pool_size: int = 50,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        for arg, value in (("val_size", val_size), ("max_length", max_length), ("batch_size", batch_size)):
+            if value <= 0:
+                raise ValueError(f"{arg} must be positive, got {value}")
+        if eval_batch_size is not None and eval_batch_size <= 0:
+            raise ValueError(f"eval_batch_size must be positive, got {eval_batch_size}")
+        if val_size >= 1 and not float(val_size).is_integer():
+            raise ValueError(f"val_size must be a fraction below 1 or a whole count, got {val_size}")
+        # The properties vocab_size and label_names give what the data turned out to
+        # have, and LightningCLI links them into the model's hparams; Lightning refuses to
+        # log one key with two values, so the requests stay out of this module's hparams.
+        self.save_hyperparameters(ignore=["vocab_size", "label_names"])
+        self._max_vocab_size = vocab_size
+        self._requested_label_names = label_names
+        self._splits: dict[str, Dataset] | None = None  # role -> columns text, labels
+        self._label_names: list[str] = []
+        self._tokenizer: Tokenizer | None = None
+        self._encoded: dict[str, Dataset] = {}  # role -> columns labels, input_ids, length, index
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer: loaded from `tokenizer_path`, or trained on the training split."""
+        if self._tokenizer is None:
+            if self.hparams.tokenizer_path is not None:
+                self._tokenizer = load_tokenizer(self.hparams.tokenizer_path)
+            else:
+                self._tokenizer = self._cached_trained_tokenizer(self._text_splits()["train"])
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """The number of token ids the tokenizer can produce."""
+        return self.tokenizer.get_vocab_size()
+
+    @property
+    def label_names(self) -> list[str]:
+        """The class names, in class id order."""
+        self._text_splits()
+        return list(self._label_names)
+
+    @property
+    def num_classes(self) -> int:
+        """The number of classes."""
+        return len(self.label_names)
+
+    @property
+    def pad_id(self) -> int:
+        """The padding token id, 0."""
+        return PAD_ID
+
+    def prepare_data(self) -> None:
+        """Encode every configured split, in one process, so that `setup` on each rank reads the cache."""
+        for role in self._text_splits():
+            self._encoded_split(role)
+
+    def setup(self, stage: str) -> None:
+        """Encode the splits that `stage` needs (cached: fast after the first run)."""
+        for role in _STAGE_ROLES[stage]:
+            self._encoded_split(role)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._dataloader("train", shuffle=True, batch_size=self.hparams.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._dataloader("val", shuffle=False, batch_size=self._eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._dataloader("test", shuffle=False, batch_size=self._eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of the test split (else validation), longest first; `batch["index"]` restores row order."""
+        return self._dataloader("predict", shuffle=False, batch_size=self._eval_batch_size)
+
+    @property
+    def _eval_batch_size(self) -> int:
+        return self.hparams.eval_batch_size or 2 * self.hparams.batch_size
+
+    def _dataloader(self, role: str, shuffle: bool, batch_size: int) -> DataLoader:
+        dataset = self._encoded_split(role)
+        # Built inside the *_dataloader hook, so Lightning can rebuild it with a
+        # DistributedSampler under DDP and pass it the epoch (see gru_nlp.batching).
+        batch_sampler = BucketBatchSampler(
+            _column(dataset, "length"),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            pool_size=self.hparams.pool_size,
+            seed=self.hparams.seed,
+        )
+        return DataLoader(
+            dataset,
+            batch_sampler=batch_sampler,
+            collate_fn=collate,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def _encoded_split(self, role: str) -> Dataset:
+        """The split of `role` as `input_ids`, `length`, `labels` and `index` columns."""
+        splits = self._text_splits()
+        if role == "predict":
+            role = "test" if "test" in splits else "val"
+        if role not in splits:
+            raise ValueError(f"there is no {role} split: set test_split to a split of {self.hparams.path}")
+        if role not in self._encoded:
+            # datasets fingerprints the function and fn_kwargs (the tokenizer hashes by
+            # its JSON), so the same data and tokenizer hit the cache in a later run.
+            self._encoded[role] = splits[role].map(
+                _encode_batch,
+                batched=True,
+                with_indices=True,
+                remove_columns=["text"],
+                fn_kwargs={
+                    "tokenizer": self.tokenizer,
+                    "max_length": self.hparams.max_length,
+                    "truncation": self.hparams.truncation,
+                },
+                desc=f"Encoding {role}",
+            )
+        return self._encoded[role]
+
+    def _text_splits(self) -> dict[str, Dataset]:
+        """The cleaned splits by role (train, val, test), each with columns `text` and `labels`."""
+        if self._splits is not None:
+            return self._splits
+        hp = self.hparams
+        wanted = {hp.train_split, hp.val_split or "validation", hp.test_split} - {None}
+        raw, sources = _load_raw_splits(hp.path, hp.name, wanted, hp.cache_dir)
+        for arg in ("train_split", "val_split", "test_split"):
+            split = hp[arg]
+            if split is not None and split not in raw:
+                raise ValueError(
+                    f"{arg}={split!r} is not a split of {hp.path} (it has {', '.join(sorted(sources)) or 'none'}): "
+                    f"set {arg} to one of them" + ("" if arg == "train_split" else " or to null")
+                )
+        val_split = hp.val_split
+        if val_split is None and "validation" in raw and hp.test_split != "validation":
+            val_split = "validation"
+        named = {"train": hp.train_split, "val": val_split, "test": hp.test_split}
+
+        rows: dict[str, tuple[Dataset, list, list]] = {}  # role -> dataset, kept row numbers, their labels
+        for role, split in named.items():
+            if split is None:
+                continue
+            dataset = raw[split]
+            _check_columns(dataset, [hp.text_field, hp.label_field], split, sources[split])
+            kept, labels = _usable_rows(dataset, hp.text_field, hp.label_field, split, sources[split])
+            rows[role] = (dataset, kept, labels)
+
+        train, _, train_labels = rows["train"]
+        self._label_names, label_ids = _label_ids(
+            train.features[hp.label_field],
+            train_labels,
+            self._requested_label_names,
+            hp.train_split,
+            sources[hp.train_split],
+        )
+        features = Features({"text": Value("string"), "labels": ClassLabel(names=self._label_names)})
+        splits = {}
+        for role, (dataset, kept, labels) in rows.items():
+            split = named[role]
+            _check_labels(labels, kept, label_ids, split, sources[split])
+            if len(kept) < len(dataset):
+                dataset = dataset.select(kept)
+            splits[role] = dataset.map(
+                _standardize,
+                batched=True,
+                remove_columns=dataset.column_names,
+                features=features,
+                fn_kwargs={"text_field": hp.text_field, "label_field": hp.label_field, "label_ids": label_ids},
+                desc=f"Reading {split}",
+            )
+
+        if "val" not in splits:
+            val_size = hp.val_size if hp.val_size < 1 else int(hp.val_size)
+            carved = splits["train"].train_test_split(test_size=val_size, seed=hp.seed, stratify_by_column="labels")
+            splits["train"], splits["val"] = carved["train"], carved["test"]
+        self._splits = splits
+        return splits
+
+    def _cached_trained_tokenizer(self, train: Dataset) -> Tokenizer:
+        """Train a tokenizer on `train`, or load the one an earlier run or process trained on it."""
+        hp = self.hparams
+        settings = {
+            "data": train._fingerprint,  # changes with the files, the split and the carve
+            "vocab_size": self._max_vocab_size,
+            "model": hp.tokenizer_model,
+            "lowercase": hp.lowercase,
+            "min_frequency": hp.min_frequency,
+            "version": _TOKENIZER_CACHE_VERSION,
+        }
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        path = Path(hp.cache_dir or DEFAULT_CACHE_DIR).expanduser() / "tokenizers" / f"{key}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Training is not deterministic (ties between equally frequent pairs), so the
+        # processes of a DDP run must share one tokenizer: the first trains, the others wait.
+        with FileLock(f"{path}.lock"):
+            if path.exists():
+                log.info("Loading the cached tokenizer %s", path)
+                return load_tokenizer(path)
+            log.info("Training a %s tokenizer on %d texts", hp.tokenizer_model, len(train))
+            tokenizer = train_tokenizer(
+                (text for batch in train.iter(batch_size=1000) for text in batch["text"]),
+                vocab_size=self._max_vocab_size,
+                model=hp.tokenizer_model,
+                lowercase=hp.lowercase,
+                min_frequency=hp.min_frequency,
+            )
+            save_tokenizer(tokenizer, path)
+        return tokenizer
+
+
+def _load_raw_splits(
+    path: str, name: str | None, wanted: Collection[str], cache_dir: str | None
+) -> tuple[dict[str, Dataset], dict[str, str]]:
+    """Load the `wanted` splits that exist at `path`.
+
+    Returns:
+        The loaded splits by name, and a description of the source of every
+        split there is (wanted or not), for error messages.
+    """
+    local = Path(path).expanduser()
+    if local.exists():
+        imdb_root = next(
+            (root for root in (local, local / "aclImdb") if (root / "train" / "pos").is_dir()),
+            None,
+        )
+        if imdb_root is not None:
+            return _load_acl_imdb(imdb_root, wanted, cache_dir)
+        return _load_data_files(local, wanted, cache_dir)
+    if not _HUB_ID.match(path) or Path(path).suffix.lower() in DATA_EXTENSIONS:
+        raise FileNotFoundError(f"no such file or folder: {local}")
+    try:
+        loaded = datasets.load_dataset(path, name, cache_dir=cache_dir)
+    except ConnectionError as err:
+        raise ConnectionError(
+            f"Could not reach the Hugging Face Hub to load {path!r} ({err}), and there is no local "
+            f"file or folder called {path!r}. Without the Hub, set `path` to a local folder of "
+            "parquet/csv/json/jsonl files named by split (train.parquet, test.parquet, ...), to a "
+            "single data file, or to an aclImdb/ folder."
+        ) from err
+    source = f"Hub dataset {path!r}" + (f" ({name})" if name else "")
+    return dict(loaded), {split: source for split in loaded}
+
+
+def _split_files(path: Path) -> dict[str, list[Path]]:
+    """The data files of each split in a data file or folder."""
+    if path.is_file():
+        if path.suffix.lower() not in DATA_EXTENSIONS:
+            raise ValueError(f"{path} is not a {'/'.join(DATA_EXTENSIONS)} file")
+        return {"train": [path]}
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in DATA_EXTENSIONS and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no {', '.join(DATA_EXTENSIONS)} files in {path}")
+    splits: dict[str, list[Path]] = defaultdict(list)
+    stems: dict[str, set[str]] = defaultdict(set)
+    for file in files:
+        stem = _SHARD_SUFFIX.sub("", file.stem).lower()
+        split = SPLIT_ALIASES.get(stem, stem)
+        splits[split].append(file)
+        stems[split].add(stem)
+        if len(stems[split]) > 1:
+            raise ValueError(f"{path} has several files for split {split!r}: {', '.join(map(str, splits[split]))}")
+    return dict(splits)
+
+
+def _load_data_files(path: Path, wanted: Collection[str], cache_dir: str | None) -> tuple[dict, dict[str, str]]:
+    split_files = _split_files(path)
+    sources = {split: ", ".join(map(str, files)) for split, files in split_files.items()}
+    # Read only the wanted splits, so that an unused one (IMDB's 50,000 unsup reviews,
+    # or a stray metadata .json beside the parquet files) costs nothing and breaks nothing.
+    data_files = {split: files for split, files in split_files.items() if split in wanted}
+    if not data_files:
+        return {}, sources
+    files = [file for split_files in data_files.values() for file in split_files]
+    builders = {DATA_EXTENSIONS[file.suffix.lower()] for file in files}
+    if len(builders) > 1:
+        raise ValueError(f"{', '.join(map(str, files))} mix {' and '.join(sorted(builders))} files: use one format")
+    for file in files:
+        if file.stat().st_size == 0:
+            raise ValueError(f"{file} is empty")
+    builder = builders.pop()
+    try:
+        loaded = datasets.load_dataset(
+            builder,
+            data_files={split: [str(file) for file in split_files] for split, split_files in data_files.items()},
+            cache_dir=cache_dir,
+        )
+    except Exception as err:  # datasets raises anything from StopIteration to ArrowInvalid here
+        raise ValueError(f"could not read {', '.join(map(str, files))} as {builder}: {err}") from err
+    return dict(loaded), sources
+
+
+def _load_acl_imdb(root: Path, wanted: Collection[str], cache_dir: str | None) -> tuple[dict, dict[str, str]]:
+    sources = {split: str(root / split) for split in ("train", "test") if (root / split / "pos").is_dir()}
+    features = Features({"text": Value("string"), "label": ClassLabel(names=ACL_IMDB_LABELS)})
+    loaded = {}
+    for split in sources.keys() & set(wanted):
+        files = []
+        for label in ACL_IMDB_LABELS:
+            names = sorted(os.listdir(root / split / label), key=_natural_key)
+            files += [str(root / split / label / name) for name in names if name.endswith(".txt")]
+        # The sizes and modification times key the cache, so an edited file is read again.
+        stats = [(stat.st_size, stat.st_mtime_ns) for stat in map(os.stat, files)]
+        loaded[split] = Dataset.from_generator(
+            _read_acl_imdb,
+            features=features,
+            cache_dir=cache_dir,
+            gen_kwargs={"files": files, "stats": stats},
+            split=split,
+        )
+    return loaded, sources
+
+
+def _read_acl_imdb(files: list[str], stats: list[tuple[int, int]]) -> Iterator[dict[str, str]]:
+    """Yield one example per review file; the label is the name of its folder."""
+    for file in files:
+        yield {"text": Path(file).read_text(encoding="utf-8"), "label": Path(file).parent.name}
+
+
+def _natural_key(name: str) -> list:
+    """Sort `10_3.txt` after `9_1.txt`."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _column(dataset: Dataset, name: str) -> list:
+    """One column as a Python list (through Arrow: several times faster than `dataset[name]`)."""
+    return dataset.with_format("arrow")[name].to_pylist()
+
+
+def _check_columns(dataset: Dataset, columns: list[str], split: str, source: str) -> None:
+    for column in columns:
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"column {column!r} not found in split {split!r} of {source}; it has columns "
+                f"{dataset.column_names}: set text_field / label_field to the right names"
+            )
+
+
+def _usable_rows(dataset: Dataset, text_field: str, label_field: str, split: str, source: str) -> tuple[list, list]:
+    """The row numbers that have text, and their labels; raises on a missing label."""
+    texts, labels = _column(dataset, text_field), _column(dataset, label_field)
+    kept = [row for row, text in enumerate(texts) if isinstance(text, str) and text.strip()]
+    if len(kept) < len(texts):
+        first = next(row for row, text in enumerate(texts) if not (isinstance(text, str) and text.strip()))
+        log.warning(
+            "Skipped %d of %d rows of split %r (%s) whose text is missing, not a string or empty (first: row %d)",
+            len(texts) - len(kept),
+            len(texts),
+            split,
+            source,
+            first,
+        )
+    if not kept:
+        raise ValueError(f"split {split!r} of {source} has no rows with text in column {text_field!r}")
+    kept_labels = [labels[row] for row in kept]
+    for row, label in zip(kept, kept_labels, strict=True):
+        if label is None or (isinstance(label, float) and math.isnan(label)):
+            raise ValueError(f"row {row} of split {split!r} ({source}) has no label: fill it in or drop the row")
+    return kept, kept_labels
+
+
+def _label_ids(
+    feature: Any, labels: list, label_names: list[str] | None, split: str, source: str
+) -> tuple[list[str], dict[Any, int]]:
+    """The class names and the map from label value to class id, decided by the training split."""
+    if isinstance(feature, ClassLabel):
+        names = label_names or feature.names
+        if len(names) != feature.num_classes:
+            raise ValueError(f"label_names has {len(names)} names but {source} has {feature.num_classes} classes")
+        ids = {i: i for i in range(len(names))}
+    elif all(isinstance(label, str) for label in labels):
+        names = label_names or sorted(set(labels))
+        ids = {name: i for i, name in enumerate(names)}
+    elif all(isinstance(label, int | float) and float(label).is_integer() for label in labels):
+        if label_names:
+            names, ids = label_names, {i: i for i in range(len(label_names))}
+        else:
+            values = sorted({int(label) for label in labels})
+            names, ids = [str(value) for value in values], {value: i for i, value in enumerate(values)}
+    else:
+        types = sorted({type(label).__name__ for label in labels})
+        raise ValueError(f"labels of split {split!r} ({source}) must be all integers or all strings, found {types}")
+    if len(names) < 2:
+        raise ValueError(f"split {split!r} ({source}) has only the classes {names}: a classifier needs two or more")
+    return list(names), ids
+
+
+def _check_labels(labels: list, rows: list[int], label_ids: dict[Any, int], split: str, source: str) -> None:
+    for row, label in zip(rows, labels, strict=True):
+        if label not in label_ids:
+            raise ValueError(
+                f"label {label!r} at row {row} of split {split!r} ({source}) is not one of the "
+                f"training labels {list(label_ids)}"
+            )
+
+
+def _standardize(batch: dict[str, list], text_field: str, label_field: str, label_ids: dict[Any, int]) -> dict:
+    return {"text": batch[text_field], "labels": [label_ids[label] for label in batch[label_field]]}
+
+
+def _encode_batch(
+    batch: dict[str, list], indices: list[int], tokenizer: Tokenizer, max_length: int, truncation: str
+) -> dict:
+    input_ids = encode(tokenizer, batch["text"], max_length=max_length, truncation=truncation)
+    return {"input_ids": input_ids, "length": [len(ids) for ids in input_ids], "index": indices}

@@ -1,0 +1,369 @@
+import csv
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import huggingface_hub.constants
+import lightning as L
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from gru_nlp.data import TextDataModule
+from gru_nlp.tokenizer import save_tokenizer, train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "fixtures" / "tiny"
+
+ADJECTIVES = {
+    "neg": ["dull", "awful", "boring", "clumsy", "lifeless"],
+    "pos": ["superb", "moving", "funny", "charming", "warm"],
+}
+
+
+def reviews(label: str, count: int, start: int) -> list[dict]:
+    words = ADJECTIVES[label]
+    return [
+        {"text": f"Review {start + i}: the film was {words[i % 5]}.<br />" + " really" * (i % 4), "label": label}
+        for i in range(count)
+    ]
+
+
+# Negatives first, then positives, each in id order: the row order of an aclImdb folder.
+TRAIN = reviews("neg", 10, 0) + reviews("pos", 10, 0)
+TEST = reviews("neg", 3, 100) + reviews("pos", 3, 100)
+
+
+def write(path: Path, rows: list[dict]) -> Path:
+    """Write rows in the format named by the file's extension."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif path.suffix == ".csv":
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def write_acl_imdb(root: Path) -> Path:
+    for split, rows in (("train", TRAIN), ("test", TEST)):
+        for row in rows:
+            number = int(row["text"].split(":")[0].split()[1])
+            folder = root / "aclImdb" / split / row["label"]
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{number}_{7 if row['label'] == 'pos' else 2}.txt").write_text(row["text"])
+    (root / "aclImdb" / "train" / "unsup").mkdir()
+    (root / "aclImdb" / "train" / "unsup" / "0_0.txt").write_text("An unlabelled review.")
+    return root / "aclImdb"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory) -> str:
+    """One tokenizer for every source, so that their encodings can be compared."""
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    save_tokenizer(train_tokenizer([row["text"] for row in TRAIN], vocab_size=60, min_frequency=1), path)
+    return str(path)
+
+
+def data_module(path: Path | str, tmp_path: Path, **kwargs) -> TextDataModule:
+    kwargs = {"batch_size": 4, "val_size": 0.1, "cache_dir": str(tmp_path / "cache")} | kwargs
+    return TextDataModule(str(path), **kwargs)
+
+
+def examples(loader) -> list[tuple]:
+    """(index, ids, label) of every example a loader serves, in row order."""
+    rows = []
+    for batch in loader:
+        columns = (batch["index"], batch["input_ids"], batch["lengths"], batch["labels"])
+        for index, ids, length, label in zip(*columns, strict=True):
+            rows.append((int(index), tuple(ids[:length].tolist()), int(label)))
+    return sorted(rows)
+
+
+def test_every_source_kind_loads_the_same_examples(tmp_path, tokenizer_path):
+    unsup = [{"text": "An unlabelled review.", "label": -1}]
+    sources = {"acl_imdb": write_acl_imdb(tmp_path / "imdb")}
+    for kind in ("parquet", "csv", "json", "jsonl"):
+        write(tmp_path / kind / f"train.{kind}", TRAIN)
+        write(tmp_path / kind / f"test.{kind}", TEST)
+        if kind != "csv":  # an unused split with labels the others lack must not matter
+            write(tmp_path / kind / f"unsup.{kind}", unsup)
+        sources[kind] = tmp_path / kind
+    sources["single_file"] = write(tmp_path / "single.jsonl", TRAIN)
+
+    loaded = {}
+    for kind, path in sources.items():
+        test_split = None if kind == "single_file" else "test"
+        dm = data_module(path, tmp_path, tokenizer_path=tokenizer_path, test_split=test_split)
+        assert dm.label_names == ["neg", "pos"], kind
+        dm.setup("fit")
+        loaded[kind] = (examples(dm.train_dataloader()), examples(dm.val_dataloader()))
+        if test_split:
+            dm.setup("test")
+            loaded[kind] += (examples(dm.test_dataloader()),)
+    reference = loaded["parquet"]
+    assert [len(split) for split in reference] == [18, 2, 6]
+    for kind, splits in loaded.items():
+        assert splits == reference[: len(splits)], kind
+
+
+def test_folder_split_names(tmp_path):
+    write(tmp_path / "data" / "train.csv", TRAIN)
+    write(tmp_path / "data" / "dev.csv", TEST)
+    (tmp_path / "data" / "dataset_info.json").write_text("{}")  # another split, never read
+    dm = data_module(tmp_path / "data", tmp_path, test_split=None)
+    dm.setup("fit")
+    assert len(dm.train_dataloader().dataset) == 20 and len(dm.val_dataloader().dataset) == 6
+    with pytest.raises(
+        ValueError, match=r"test_split='test' is not a split of .* \(it has dataset_info, train, validation\)"
+    ):
+        data_module(tmp_path / "data", tmp_path).num_classes
+    write(tmp_path / "data" / "test.jsonl", TEST)
+    with pytest.raises(ValueError, match="mix csv and json files"):
+        data_module(tmp_path / "data", tmp_path).num_classes
+
+
+def test_the_carved_validation_split_is_stratified_and_seeded(tmp_path):
+    def val_examples(**kwargs) -> list[tuple]:
+        dm = data_module(TINY, tmp_path, vocab_size=100, **kwargs)
+        dm.setup("fit")
+        assert len(dm.train_dataloader().dataset) == 108
+        return [(ids, label) for _, ids, label in examples(dm.val_dataloader())]
+
+    first = val_examples(seed=1)
+    assert Counter(label for _, label in first) == {0: 6, 1: 6}
+    assert val_examples(seed=1) == first
+    assert sorted(val_examples(seed=2)) != sorted(first)
+
+
+def test_val_size_can_be_a_count(tmp_path):
+    dm = data_module(TINY, tmp_path, val_size=10, vocab_size=100)
+    dm.setup("validate")
+    assert Counter(label for _, _, label in examples(dm.val_dataloader())) == {0: 5, 1: 5}
+
+
+def test_properties_before_setup_and_lazy_construction(tmp_path):
+    TextDataModule("/no/such/folder")  # cheap: reads nothing yet
+    dm = data_module(TINY, tmp_path, vocab_size=100)
+    assert (dm.num_classes, dm.label_names, dm.pad_id) == (2, ["neg", "pos"], 0)
+    assert dm.vocab_size == dm.tokenizer.get_vocab_size() <= 100
+    assert dm.tokenizer.token_to_id("[PAD]") == dm.pad_id
+
+
+def test_the_trained_tokenizer_and_the_encoding_are_cached(tmp_path):
+    first, second = (data_module(TINY, tmp_path, vocab_size=100) for _ in range(2))
+    assert first.tokenizer.to_str() == second.tokenizer.to_str()
+    (cached,) = (tmp_path / "cache" / "tokenizers").glob("*.json")
+    assert cached.read_text() == first.tokenizer.to_str()
+    data_module(TINY, tmp_path, vocab_size=90).tokenizer
+    assert len(list((tmp_path / "cache" / "tokenizers").glob("*.json"))) == 2
+    first.setup("fit")
+    second.setup("fit")
+    assert first.train_dataloader().dataset.cache_files == second.train_dataloader().dataset.cache_files
+
+
+def test_batches_are_padded_only_to_their_longest_text(tmp_path):
+    dm = data_module(TINY, tmp_path, vocab_size=100, batch_size=8, max_length=12, truncation="head")
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert sum(len(batch["labels"]) for batch in batches) == 108
+    for batch in batches:
+        input_ids, lengths = batch["input_ids"], batch["lengths"]  # (B, T), (B,)
+        assert input_ids.shape[1] == lengths.max() <= 12
+        is_text = torch.arange(input_ids.shape[1]) < lengths[:, None]  # (B, T)
+        assert (input_ids[~is_text] == 0).all() and (input_ids[is_text] != 0).all()
+    val_batches = list(dm.val_dataloader())
+    assert len(val_batches[0]["labels"]) == 12  # eval batches are twice as large: one batch of all 12
+
+
+def test_rows_without_text_are_skipped_with_a_warning(tmp_path, caplog):
+    rows = [dict(row) for row in TRAIN]
+    rows[3]["text"] = "   "
+    rows[7]["text"] = None
+    rows[12]["text"] = ""
+    write(tmp_path / "data" / "train.jsonl", rows)
+    write(tmp_path / "data" / "test.jsonl", TEST[:2] + [{"text": "", "label": "neg"}] + TEST[2:])
+    dm = data_module(tmp_path / "data", tmp_path)
+    with caplog.at_level(logging.WARNING, logger="gru_nlp.data"):
+        dm.setup("fit")
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("Skipped 3 of 20 rows of split 'train'" in m and "first: row 3" in m for m in messages)
+    assert any("Skipped 1 of 7 rows of split 'test'" in m and "first: row 2" in m for m in messages)
+    assert len(dm.train_dataloader().dataset) + len(dm.val_dataloader().dataset) == 17
+    dm.setup("test")
+    assert len(dm.test_dataloader().dataset) == 6
+
+
+def test_integer_labels(tmp_path):
+    def as_ints(rows: list[dict]) -> list[dict]:
+        return [{"text": row["text"], "label": int(row["label"] == "pos")} for row in rows]
+
+    write(tmp_path / "data" / "train.parquet", as_ints(TRAIN))
+    write(tmp_path / "data" / "test.parquet", as_ints(TEST))
+    assert data_module(tmp_path / "data", tmp_path).label_names == ["0", "1"]
+    assert data_module(tmp_path / "data", tmp_path, label_names=["bad", "good", "meh"]).num_classes == 3
+    write(tmp_path / "data" / "test.parquet", as_ints(TEST) + [{"text": "Meh.", "label": 2}])
+    with pytest.raises(
+        ValueError, match=r"label 2 at row 6 of split 'test' .* not one of the training labels \[0, 1\]"
+    ):
+        data_module(tmp_path / "data", tmp_path, label_names=["bad", "good"]).num_classes
+
+
+def test_string_labels_follow_label_names(tmp_path):
+    write(tmp_path / "data" / "train.csv", TRAIN)
+    write(tmp_path / "data" / "test.csv", TEST)
+    dm = data_module(tmp_path / "data", tmp_path, label_names=["pos", "neg"])
+    dm.setup("test")
+    assert dm.label_names == ["pos", "neg"]
+    assert [label for _, _, label in examples(dm.test_dataloader())] == [1, 1, 1, 0, 0, 0]
+
+
+def test_an_unknown_test_label_is_an_error(tmp_path):
+    write(tmp_path / "data" / "train.jsonl", TRAIN)
+    write(tmp_path / "data" / "test.jsonl", TEST + [{"text": "So-so.", "label": "mixed"}])
+    with pytest.raises(ValueError, match=r"label 'mixed' at row 6 of split 'test' \(.*test.jsonl\) is not one of"):
+        data_module(tmp_path / "data", tmp_path).num_classes
+
+
+@pytest.mark.parametrize("missing", [None, math.nan])
+def test_a_missing_label_is_an_error(tmp_path, missing):
+    rows = [dict(row, label=float(row["label"] == "pos")) for row in TRAIN]
+    rows[5]["label"] = missing
+    write(tmp_path / "train.parquet", rows)
+    with pytest.raises(ValueError, match=r"row 5 of split 'train' \(.*train.parquet\) has no label"):
+        data_module(tmp_path / "train.parquet", tmp_path, test_split=None).num_classes
+
+
+def test_a_missing_column_is_an_error(tmp_path):
+    write(tmp_path / "reviews.csv", [{"review": row["text"], "label": row["label"]} for row in TRAIN])
+    with pytest.raises(
+        ValueError, match=r"column 'text' not found in split 'train' of .*reviews.csv.*'review', 'label'"
+    ):
+        data_module(tmp_path / "reviews.csv", tmp_path, test_split=None).num_classes
+    assert data_module(tmp_path / "reviews.csv", tmp_path, test_split=None, text_field="review").num_classes == 2
+
+
+def test_missing_files_are_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        data_module(tmp_path / "nothing", tmp_path).num_classes
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        data_module("reviews.csv", tmp_path).num_classes
+    (tmp_path / "empty_folder").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no \.parquet, \.csv, \.json, \.jsonl files in .*empty_folder"):
+        data_module(tmp_path / "empty_folder", tmp_path).num_classes
+
+
+def test_empty_data_is_an_error(tmp_path):
+    (tmp_path / "empty.jsonl").touch()
+    with pytest.raises(ValueError, match="empty.jsonl is empty"):
+        data_module(tmp_path / "empty.jsonl", tmp_path, test_split=None).num_classes
+    write(tmp_path / "blank.jsonl", [{"text": " ", "label": "pos"}])
+    with pytest.raises(ValueError, match="split 'train' of .*blank.jsonl has no rows with text"):
+        data_module(tmp_path / "blank.jsonl", tmp_path, test_split=None).num_classes
+
+
+def test_an_unreachable_hub_says_so_and_suggests_a_local_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(
+        ConnectionError, match="Could not reach the Hugging Face Hub to load 'nobody/no-such-data'.*local"
+    ):
+        data_module("nobody/no-such-data", tmp_path).num_classes
+
+
+class Recorder(L.LightningModule):
+    """A tiny model that records which examples it saw."""
+
+    def __init__(self, vocab_size: int, num_classes: int, label_names: list[str]) -> None:
+        super().__init__()
+        self.save_hyperparameters()  # as LitClassifier does: Lightning merges these with the data's
+        self.embedding = nn.EmbeddingBag(vocab_size, 3)
+        self.classifier = nn.Linear(3, num_classes)
+        self.seen: list[tuple[int, list[int]]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append((self.current_epoch, batch["index"].tolist()))
+        logits = self.classifier(self.embedding(batch["input_ids"]))  # (B, K)
+        return nn.functional.cross_entropy(logits, batch["labels"])
+
+    def predict_step(self, batch, batch_idx):
+        return batch["index"]
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader` but have no `validation_step`")
+def test_lightning_reshuffles_each_epoch_and_predicts_every_row(tmp_path):
+    dm = data_module(TINY, tmp_path, vocab_size=1000, batch_size=16)
+    model = Recorder(dm.vocab_size, dm.num_classes, dm.label_names)
+    assert dm.vocab_size < 1000
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=CSVLogger(tmp_path),  # logging hparams fails if the data's and the model's disagree
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, dm)
+    epochs = [[index for epoch, batch in model.seen if epoch == e for index in batch] for e in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(108))  # 120 rows less 12 for validation
+    assert epochs[0] != epochs[1]
+    predicted = torch.cat(trainer.predict(model, dm))
+    assert sorted(predicted.tolist()) == list(range(40))
+
+
+DDP_SCRIPT = """
+import json, sys
+import lightning as L
+from gru_nlp.data import TextDataModule
+from tests.test_data import Recorder
+
+dm = TextDataModule(sys.argv[1], batch_size=8, pool_size=2, vocab_size=100, cache_dir=sys.argv[2])
+model = Recorder(dm.vocab_size, dm.num_classes, dm.label_names)
+trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=2, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0)
+trainer.fit(model, dm)
+with open(f"{sys.argv[2]}/rank{trainer.global_rank}.json", "w") as f:
+    json.dump({"seen": model.seen, "tokenizer": dm.tokenizer.to_str()}, f)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_share_the_tokenizer_and_split_the_batches(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    subprocess.run(
+        [sys.executable, str(script), str(TINY), str(tmp_path)],
+        cwd=REPO,
+        env=os.environ | {"PYTHONPATH": str(REPO)},
+        check=True,
+        timeout=300,
+    )
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["tokenizer"] == ranks[1]["tokenizer"]
+    batches = [[[b for e, b in rank["seen"] if e == epoch] for epoch in range(2)] for rank in ranks]  # rank, epoch
+    for epoch in range(2):
+        assert len(batches[0][epoch]) == len(batches[1][epoch])
+        seen = [[i for batch in rank[epoch] for i in batch] for rank in batches]
+        assert not set(seen[0]) & set(seen[1])
+        assert sorted(seen[0] + seen[1]) == list(range(108))
+    assert batches[0][0] != batches[0][1]  # set_epoch reached the sampler
