@@ -1,0 +1,76 @@
+"""The gru-nlp command: shipped configs parse, fit -> test on the tiny config, and DDP on 2 CPU processes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gru_nlp.checkpoint import load_checkpoint
+from gru_nlp.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def gru_nlp(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a subprocess, as a user would."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "gru_nlp.cli", *args]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_shipped_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "data:" in printed and "model:" in printed and "trainer:" in printed
+
+
+def tiny_args(root: Path) -> list[str]:
+    return [
+        "--config", str(REPO / "configs/tiny.yaml"),
+        "--data.path", str(REPO / "tests/fixtures/tiny"),
+        "--data.cache_dir", str(root / "cache"),
+        "--trainer.default_root_dir", str(root / "run"),
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+
+
+def test_fit_then_test_on_the_tiny_config(tmp_path):
+    fit = gru_nlp("fit", *tiny_args(tmp_path))
+    best = [line for line in (fit.stdout + fit.stderr).splitlines() if line.startswith("best checkpoint: ")]
+    assert best, "fit must print the best checkpoint's path"
+    best_path = Path(best[-1].removeprefix("best checkpoint: ").strip())
+    assert best_path.is_file()
+    assert (best_path.parent / "last.ckpt").is_file()
+
+    checkpoint = load_checkpoint(best_path)
+    assert checkpoint["gru_nlp"]["label_names"] == ["neg", "pos"]
+    assert checkpoint["hyper_parameters"]["num_classes"] == 2
+
+    tested = gru_nlp("test", *tiny_args(tmp_path), "--ckpt_path", str(best_path))
+    assert "test/acc" in tested.stdout
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_writes_a_loadable_checkpoint(tmp_path):
+    gru_nlp(
+        "fit", *tiny_args(tmp_path),
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+        "--trainer.max_epochs", "2",
+    )  # fmt: skip
+    last = next((tmp_path / "run").rglob("last.ckpt"))
+    checkpoint = load_checkpoint(last)
+    assert checkpoint["global_step"] > 0
+    from gru_nlp import TextClassifier
+
+    prediction = TextClassifier.from_checkpoint(last, device="cpu").predict("a wonderful film")
+    assert prediction.label in ("neg", "pos")
+    torch.testing.assert_close(sum(prediction.probs.values()), 1.0, rtol=0, atol=1e-5)
