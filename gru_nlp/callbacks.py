@@ -1,11 +1,51 @@
-"""Lightning callbacks: a per-epoch summary with elapsed time."""
+"""Lightning callbacks and the checkpoint writer: epoch summary, preflight checks, resumable and atomic checkpoints.
+
+How Lightning 2.6 behaves, read from its source, and what this module changes:
+
+- SIGTERM: Lightning's handler only sets ``trainer.received_sigterm``; after the current batch
+  the loops raise ``SIGTERMException``, a ``SystemExit`` with no code, so the process exits
+  with status 0 and saves nothing unless a callback does. `ResumeCheckpoint` saves
+  ``last.ckpt`` there, and ``run_cli`` turns the exception into exit status 143.
+- ``ModelCheckpoint(save_last=True)`` writes ``last.ckpt`` only at a step where it also wrote
+  a top-k file, so with ``monitor`` set, ``last.ckpt`` stays at the best epoch, not the last
+  one. `ResumeCheckpoint` owns ``last.ckpt`` instead and rewrites it every few minutes or
+  steps and after every validation.
+- ``TorchCheckpointIO`` writes through an fsspec transaction: a temporary file from
+  ``tempfile.mkstemp()`` in the system temp folder, then ``shutil.move``. When that folder is
+  on another file system (a tmpfs ``/tmp``, a mounted output disk) the move is a copy into
+  the target, and a kill during it leaves half a checkpoint under its real name.
+  `AtomicCheckpointIO` writes beside the target and renames.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+# A checkpoint holds the weights and AdamW's two moment estimates, each the size of the weights.
+CHECKPOINT_COPIES_OF_WEIGHTS = 3
+# Room wanted for: the best checkpoint, last.ckpt, and the temporary file of the one being replaced.
+CHECKPOINTS_ON_DISK = 3
+# Hyperparameters, the tokenizer and the loop state ride along; generous for a large vocabulary.
+CHECKPOINT_OVERHEAD_BYTES = 8 * 2**20
+
+
+class OutputFolderError(OSError):
+    """An output folder cannot be created or written, or its disk is too full for the checkpoints."""
 
 
 class EpochSummary(L.Callback):
@@ -28,3 +68,160 @@ class EpochSummary(L.Callback):
             f"{name} {metrics[name].item():.4f}" for name in ("val/acc", "val/f1", "val/loss", "train/loss") if name in metrics
         )
         rank_zero_info(f"epoch {trainer.current_epoch}  step {trainer.global_step}  {shown}  elapsed {elapsed_min:.1f} min")
+
+
+def checkpoint_bytes(module: torch.nn.Module) -> int:
+    """An estimate of one training checkpoint's size: weights, optimizer state and overhead."""
+    weights = sum(p.numel() * p.element_size() for p in module.parameters())
+    return CHECKPOINT_COPIES_OF_WEIGHTS * weights + CHECKPOINT_OVERHEAD_BYTES
+
+
+def check_output_folder(folder: str | os.PathLike, needed_bytes: int = 0) -> None:
+    """Create `folder` if needed, and check that a file can be written there and that `needed_bytes` fit.
+
+    Remote folders (``s3://...``) are left to their file system.
+
+    Raises:
+        OutputFolderError: naming the folder, the cause and the fix.
+    """
+    if "://" in str(folder):
+        return
+    folder = Path(folder).expanduser().absolute()
+    fix = "choose another folder with --trainer.default_root_dir (or --checkpoint.dirpath)"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # Write a real file: permission bits say nothing for root or on read-only mounts.
+        with tempfile.TemporaryFile(dir=folder, prefix=".gru-nlp-write-test"):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise OutputFolderError(
+            f"the output folder {folder} cannot be created or written ({reason}): "
+            f"{fix}, or make it writable"
+        ) from err
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise OutputFolderError(
+            f"the output folder {folder} has {_megabytes(free)} free, but the checkpoints need about "
+            f"{_megabytes(needed_bytes)}: free some space there, or {fix} on a larger disk"
+        )
+
+
+def _megabytes(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.1f} MB"
+
+
+class Preflight(L.Callback):
+    """Before `fit` writes anything, check that the run and checkpoint folders are writable and roomy.
+
+    Runs in ``setup``, ahead of LightningCLI's config saving and the checkpoint callbacks (Lightning
+    moves those last), so a bad folder fails in seconds with the folder and the fix named, not
+    after an epoch with a traceback from inside ``torch.save``. Every rank checks, so all fail alike.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        needed = CHECKPOINTS_ON_DISK * checkpoint_bytes(pl_module)
+        folders = {trainer.default_root_dir, trainer.log_dir}
+        # A checkpoint callback without a dirpath writes under log_dir, checked above.
+        folders |= {callback.dirpath for callback in trainer.checkpoint_callbacks if callback.dirpath}
+        for folder in sorted(str(f) for f in folders if f):
+            check_output_folder(folder, needed)
+
+
+class ResumeCheckpoint(ModelCheckpoint):
+    """Keep ``last.ckpt`` current so that a killed run loses little: ``gru-nlp fit ... --ckpt_path last``.
+
+    Writes ``last.ckpt`` (in the same folder as the best checkpoints) every `every_n_minutes`
+    of training, or every `every_n_train_steps` when that is set; after every validation; at
+    the end; and when Lightning stops on SIGTERM, after the batch in flight. A SIGKILL (or a
+    power cut) loses at most the steps since the last write.
+
+    Only SIGTERM triggers a save among exceptions: it stops at a batch boundary, while an error
+    or Ctrl-C can land inside an optimizer step and would overwrite a good ``last.ckpt`` with
+    half-updated weights.
+
+    Args:
+        every_n_minutes: Minutes of training between writes; None for none.
+        every_n_train_steps: Optimizer steps between writes; replaces `every_n_minutes` when set.
+        dirpath: The folder; None for the run's ``checkpoints/`` folder, as ModelCheckpoint does.
+    """
+
+    def __init__(
+        self,
+        every_n_minutes: float | None = 5.0,
+        every_n_train_steps: int | None = None,
+        dirpath: str | None = None,
+    ) -> None:
+        if every_n_minutes is not None and every_n_minutes <= 0:
+            raise ValueError(f"every_n_minutes must be positive or null, got {every_n_minutes}")
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ValueError(f"every_n_train_steps must be at least 1 or null, got {every_n_train_steps}")
+        interval = None if every_n_train_steps or every_n_minutes is None else timedelta(minutes=every_n_minutes)
+        super().__init__(
+            dirpath=dirpath,
+            save_top_k=0,  # no top-k files: only last.ckpt
+            save_last=True,
+            every_n_train_steps=every_n_train_steps,
+            train_time_interval=interval,
+            # Overwrite last.ckpt in place; the counter would write last-v1.ckpt beside a
+            # last.ckpt left by a best-checkpoint callback with save_last=True.
+            enable_version_counter=False,
+        )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_now(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_now(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        self._save_last_now(trainer)
+        rank_zero_info(
+            f"Stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; "
+            f"saved {self.last_model_path}. Resume with the same command plus "
+            f"--ckpt_path {self.last_model_path} (or --ckpt_path last)"
+        )
+
+    def _save_last_now(self, trainer: L.Trainer) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to a temporary file beside its target, sync it, then rename it into place.
+
+    ``os.replace`` within one folder is atomic, so a reader (or a resume after a kill) sees the
+    old checkpoint or the new one, never half of one; a kill mid-write leaves only a
+    ``.<name>.*.tmp`` file, which ``--ckpt_path last`` does not match. Remote paths go
+    through Lightning's own writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                # Without the sync a power cut after the rename can leave an empty file on some file systems.
+                os.fsync(file.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+

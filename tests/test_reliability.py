@@ -1,0 +1,274 @@
+"""Killed runs resume, checkpoints are written atomically, and bad output folders fail before training.
+
+The fast tests run `run_cli` in this process (a real SIGTERM to ourselves; Lightning's handler
+is restored afterwards). The slow ones kill a real `gru-nlp fit` process with SIGTERM and
+SIGKILL mid-epoch, resume it, and compare it with an uninterrupted run of the same seed.
+"""
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from gru_nlp import callbacks as callbacks_module
+from gru_nlp.callbacks import AtomicCheckpointIO, OutputFolderError, Preflight, checkpoint_bytes
+from gru_nlp.lightning_cli import SIGTERM_EXIT_STATUS, run_cli
+from gru_nlp.lit import LitClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH = 6  # configs/tiny.yaml: 96 training examples, batch size 16
+
+# Measured on CPU with configs/tiny.yaml for 8 epochs, killed at step 21 of 48 (see README, Guarantees):
+# the resumed runs ended within 0.042 val/acc (one of 24 validation texts) and 0.02 val/loss.
+ACC_TOLERANCE = 1 / 24 + 1e-6
+LOSS_TOLERANCE = 0.05
+
+
+def tiny_args(root: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config", str(REPO / "configs/tiny.yaml"),
+        "--data.path", str(REPO / "tests/fixtures/tiny"),
+        "--data.cache_dir", str(root / "cache"),
+        "--trainer.default_root_dir", str(root / "run"),
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+def last_checkpoints(root: Path) -> list[Path]:
+    return sorted((root / "run").rglob("last.ckpt"))
+
+
+class SigtermAt(L.Callback):
+    """Send this process a SIGTERM after optimizer step `step`, as a scheduler would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_saves_last_exits_143_and_ckpt_path_last_resumes(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "2"), extra_callbacks=[SigtermAt(step=8)])
+    assert stopped.value.code == SIGTERM_EXIT_STATUS
+    assert "--ckpt_path last" in capsys.readouterr().err
+    (saved,) = last_checkpoints(tmp_path)
+    interrupted = torch.load(saved, weights_only=False)
+    assert interrupted["global_step"] == 8  # mid-epoch 1: nothing since the signal is lost
+
+    cli = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    assert cli.trainer.global_step == 2 * STEPS_PER_EPOCH
+    # The resumed run writes a new version folder; the interrupted one keeps its last.ckpt.
+    resumed = torch.load(last_checkpoints(tmp_path)[-1], weights_only=False)
+    assert resumed["global_step"] == 2 * STEPS_PER_EPOCH
+    assert torch.load(saved, weights_only=False)["global_step"] == 8
+
+
+def test_last_ckpt_is_the_last_state_not_the_best(tmp_path):
+    # Lightning's ModelCheckpoint(save_last=True) would leave last.ckpt at the best epoch; autosave does not.
+    cli = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "2", "--autosave.every_n_train_steps", "5"))
+    (last,) = last_checkpoints(tmp_path)
+    assert torch.load(last, weights_only=False)["global_step"] == cli.trainer.global_step == 2 * STEPS_PER_EPOCH
+
+
+# --- atomic checkpoint writes -------------------------------------------------------------------
+
+
+def test_lightning_default_writer_stages_checkpoints_in_the_system_temp_folder(tmp_path, monkeypatch):
+    # Why AtomicCheckpointIO exists: fsspec's transaction writes to tempfile.mkstemp() (the system
+    # temp folder) and then moves the file, which is a copy, not a rename, across file systems.
+    staged = tmp_path / "system-tmp"
+    staged.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(staged))
+    seen = []
+    real_move = shutil.move
+    monkeypatch.setattr("shutil.move", lambda src, dst, *a, **k: seen.append(Path(src).parent) or real_move(src, dst))
+    TorchCheckpointIO().save_checkpoint({"w": torch.ones(3)}, tmp_path / "out" / "x.ckpt")
+    assert seen == [staged]
+
+
+def test_atomic_writer_keeps_the_previous_checkpoint_when_a_save_fails(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "w": torch.ones(1000)}, path)
+
+    def dies_half_way(obj, file):
+        file.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert os.listdir(tmp_path) == ["last.ckpt"], "the temporary file must be removed"
+
+
+def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path):
+    # A writer rewrites one 16 MB checkpoint in a loop; it is killed at an arbitrary moment,
+    # most likely inside torch.save, and the file under the real name must still load whole.
+    path = tmp_path / "last.ckpt"
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from gru_nlp.callbacks import AtomicCheckpointIO
+        io, step = AtomicCheckpointIO(), 0
+        while True:
+            step += 1
+            io.save_checkpoint({{"step": step, "w": torch.full((4_000_000,), float(step))}}, {str(path)!r})
+        """
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # several saves in
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    saved = torch.load(path, weights_only=True)
+    assert saved["step"] >= 1
+    assert torch.equal(saved["w"], torch.full((4_000_000,), float(saved["step"])))
+
+
+# --- preflight: unusable output folders fail before training -----------------------------------
+
+
+def test_an_output_folder_that_cannot_be_created_fails_before_loading_data(tmp_path, capsys):
+    # Tests run as root, where chmod does not stop writes; a path under a regular file fails for anyone.
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    args = tiny_args(tmp_path)
+    args[args.index("--trainer.default_root_dir") + 1] = str(blocker / "run")
+    with pytest.raises(SystemExit) as failed:
+        run_cli(args)
+    assert failed.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{blocker / 'run'}" in err and "--trainer.default_root_dir" in err
+    assert not (tmp_path / "cache").exists(), "the data must not be loaded first"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes through chmod 0o500")
+def test_a_read_only_output_folder_fails_with_its_name(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o500)
+    with pytest.raises(OutputFolderError, match="read-only"):
+        callbacks_module.check_output_folder(folder / "run")
+
+
+def test_a_disk_too_full_for_the_checkpoints_fails_at_fit_start(tmp_path, monkeypatch):
+    lit = LitClassifier(vocab_size=50, num_classes=3, embedding_dim=8, hidden_size=6, num_layers=1)
+    trainer = L.Trainer(default_root_dir=tmp_path / "run", accelerator="cpu", logger=False, enable_progress_bar=False)
+    free = 1_000_000
+    full_disk = shutil._ntuple_diskusage(total=10 * free, used=9 * free, free=free)
+    monkeypatch.setattr(callbacks_module.shutil, "disk_usage", lambda path: full_disk)
+    with pytest.raises(OutputFolderError) as error:
+        Preflight().setup(trainer, lit, "fit")
+    message = str(error.value)
+    assert str(tmp_path / "run") in message and "1.0 MB free" in message and "larger disk" in message
+
+
+def test_the_checkpoint_size_estimate_covers_a_real_checkpoint(tiny_checkpoint):
+    checkpoint = torch.load(tiny_checkpoint, weights_only=False)
+    lit = LitClassifier(**checkpoint["hyper_parameters"])
+    assert tiny_checkpoint.stat().st_size <= checkpoint_bytes(lit)
+
+
+# --- real processes killed mid-epoch, resumed, and compared ------------------------------------
+
+PAUSE_AT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import lightning as L
+    from gru_nlp.lightning_cli import run_cli
+
+    class PauseAt(L.Callback):
+        # Wait after step `step` for the test to kill us, so the kill lands at a known step.
+        def __init__(self, step, marker):
+            self.step, self.marker = step, marker
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == self.step:
+                Path(self.marker).write_text("paused")
+                deadline = time.monotonic() + 120
+                while not trainer.received_sigterm and time.monotonic() < deadline:
+                    time.sleep(0.05)
+
+    step, marker = int(sys.argv[1]), sys.argv[2]
+    run_cli(sys.argv[3:], extra_callbacks=[PauseAt(step, marker)])
+    """
+)
+KILL_STEP = 21  # epoch 3 of 8, three steps in
+SLOW_EPOCHS = ["--trainer.max_epochs", "8", "--autosave.every_n_train_steps", "4"]
+
+
+def final_val_metrics(root: Path) -> dict[str, float]:
+    """val/acc and val/loss of the last validation of the newest run version under `root`."""
+    newest = max((root / "run").rglob("metrics.csv"), key=lambda p: int(p.parent.name.split("_")[-1]))
+    rows = [row for row in csv.DictReader(newest.open()) if row.get("val/acc")]
+    return {"val/acc": float(rows[-1]["val/acc"]), "val/loss": float(rows[-1]["val/loss"]), "step": int(rows[-1]["step"])}
+
+
+def run_gru_nlp(args: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "gru_nlp.cli", *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, float]:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    run_gru_nlp(tiny_args(root, *SLOW_EPOCHS))
+    return final_val_metrics(root)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_run_killed_mid_epoch_resumes_to_the_same_quality(tmp_path, sig, uninterrupted):
+    marker = tmp_path / "paused"
+    args = tiny_args(tmp_path, *SLOW_EPOCHS)
+    killed = subprocess.Popen(
+        [sys.executable, "-c", PAUSE_AT, str(KILL_STEP), str(marker), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not marker.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), "the run never reached the kill step"
+    killed.send_signal(sig)
+    _, err = killed.communicate(timeout=120)
+
+    (last,) = last_checkpoints(tmp_path)
+    saved_step = torch.load(last, weights_only=False)["global_step"]
+    if sig == signal.SIGTERM:
+        assert killed.returncode == SIGTERM_EXIT_STATUS, err[-3000:]
+        assert "--ckpt_path" in err
+        assert saved_step == KILL_STEP  # nothing lost
+    else:
+        assert killed.returncode == -signal.SIGKILL
+        assert saved_step == KILL_STEP // 4 * 4  # only the steps since the last autosave are lost
+
+    run_gru_nlp([*args, "--ckpt_path", "last"])
+    resumed = final_val_metrics(tmp_path)
+    assert resumed["step"] == uninterrupted["step"]  # both validated last after the final step
+    assert torch.load(last_checkpoints(tmp_path)[-1], weights_only=False)["global_step"] == 8 * STEPS_PER_EPOCH
+    print(f"{sig.name}: uninterrupted {uninterrupted}, resumed {resumed}")
+    assert abs(resumed["val/acc"] - uninterrupted["val/acc"]) <= ACC_TOLERANCE
+    assert abs(resumed["val/loss"] - uninterrupted["val/loss"]) <= LOSS_TOLERANCE
