@@ -60,7 +60,10 @@ class TextDataModule(L.LightningDataModule):
     Rows: a row whose text is missing, not a string, or empty after stripping is
     skipped, and a warning gives how many were skipped per split and the first
     row index. A row with a missing (None or NaN) label is an error, as is a
-    validation or test label that the training split does not have.
+    validation or test label that the training split does not have. In a CSV
+    file only an empty field is missing ("NA", "null" and "nan" are text). A
+    csv/json(l)/txt file that is not UTF-8 is an error naming its line. Duplicated
+    rows are kept.
 
     Labels: a `ClassLabel` column keeps its names; integer labels are ids into
     `label_names` when given, else the sorted distinct values become the classes;
@@ -308,7 +311,14 @@ class TextDataModule(L.LightningDataModule):
 
         if "val" not in splits:
             val_size = hp.val_size if hp.val_size < 1 else int(hp.val_size)
-            carved = splits["train"].train_test_split(test_size=val_size, seed=hp.seed, stratify_by_column="labels")
+            try:
+                carved = splits["train"].train_test_split(test_size=val_size, seed=hp.seed, stratify_by_column="labels")
+            except ValueError as err:  # e.g. a class with one example cannot be on both sides
+                raise ValueError(
+                    f"cannot carve a stratified validation split (val_size={hp.val_size}) from split "
+                    f"{hp.train_split!r} of {sources[hp.train_split]}: {err} Set val_split, or a val_size "
+                    "that leaves examples of every class on both sides."
+                ) from err
             splits["train"], splits["val"] = carved["train"], carved["test"]
         self._splits = splits
         return splits
@@ -411,18 +421,25 @@ def _load_data_files(path: Path, wanted: Collection[str], cache_dir: str | None)
     builders = {DATA_EXTENSIONS[file.suffix.lower()] for file in files}
     if len(builders) > 1:
         raise ValueError(f"{', '.join(map(str, files))} mix {' and '.join(sorted(builders))} files: use one format")
+    builder = builders.pop()
     for file in files:
         if file.stat().st_size == 0:
             raise ValueError(f"{file} is empty")
-    builder = builders.pop()
+        if builder != "parquet":
+            # pyarrow's JSON reader keeps invalid UTF-8 in string columns, to fail later deep in to_pylist.
+            _check_utf8(file)
+    # pandas reads "NA", "null", "nan" and friends as missing; here only an empty CSV field is missing.
+    options = {"keep_default_na": False, "na_values": [""]} if builder == "csv" else {}
     try:
         loaded = datasets.load_dataset(
             builder,
             data_files={split: [str(file) for file in split_files] for split, split_files in data_files.items()},
             cache_dir=cache_dir,
+            **options,
         )
     except Exception as err:  # datasets raises anything from StopIteration to ArrowInvalid here
-        raise ValueError(f"could not read {', '.join(map(str, files))} as {builder}: {err}") from err
+        detail = err.__cause__ or err  # DatasetGenerationError says only "An error occurred"
+        raise ValueError(f"could not read {', '.join(map(str, files))} as {builder}: {detail}") from err
     return dict(loaded), sources
 
 
@@ -437,20 +454,47 @@ def _load_acl_imdb(root: Path, wanted: Collection[str], cache_dir: str | None) -
             files += [str(root / split / label / name) for name in names if name.endswith(".txt")]
         # The sizes and modification times key the cache, so an edited file is read again.
         stats = [(stat.st_size, stat.st_mtime_ns) for stat in map(os.stat, files)]
-        loaded[split] = Dataset.from_generator(
-            _read_acl_imdb,
-            features=features,
-            cache_dir=cache_dir,
-            gen_kwargs={"files": files, "stats": stats},
-            split=split,
-        )
+        try:
+            loaded[split] = Dataset.from_generator(
+                _read_acl_imdb,
+                features=features,
+                cache_dir=cache_dir,
+                gen_kwargs={"files": files, "stats": stats},
+                split=split,
+            )
+        except datasets.exceptions.DatasetGenerationError as err:
+            # datasets wraps what the generator raised; the cause names the file.
+            raise ValueError(f"could not read {root / split}: {err.__cause__ or err}") from err
     return loaded, sources
 
 
 def _read_acl_imdb(files: list[str], stats: list[tuple[int, int]]) -> Iterator[dict[str, str]]:
     """Yield one example per review file; the label is the name of its folder."""
     for file in files:
-        yield {"text": Path(file).read_text(encoding="utf-8"), "label": Path(file).parent.name}
+        data = Path(file).read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(_utf8_error(Path(file), data, err)) from None
+        yield {"text": text, "label": Path(file).parent.name}
+
+
+def _check_utf8(path: Path) -> None:
+    """Raise a ValueError naming the line and column of the first byte of `path` that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(_utf8_error(path, data, err)) from None
+
+
+def _utf8_error(path: Path, data: bytes, err: UnicodeDecodeError) -> str:
+    line = data.count(b"\n", 0, err.start) + 1
+    column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+    return (
+        f"{path} is not valid UTF-8: byte 0x{data[err.start]:02x} at line {line}, column {column} "
+        f"({err.reason}); re-save the file as UTF-8"
+    )
 
 
 def _natural_key(name: str) -> list:
