@@ -28,10 +28,12 @@ from gru_nlp.lit import LitClassifier
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 6  # configs/tiny.yaml: 96 training examples, batch size 16
 
-# Measured on CPU with configs/tiny.yaml for 8 epochs, killed at step 21 of 48 (see README, Guarantees):
-# the resumed runs ended within 0.042 val/acc (one of 24 validation texts) and 0.02 val/loss.
+# Measured on CPU with configs/tiny.yaml for 8 epochs, killed at step 21 of 48: uninterrupted val/acc 1.0,
+# val/loss 0.0537; resumed after SIGTERM 1.0 / 0.0462, after SIGKILL 1.0 / 0.0482. A mid-epoch resume is not
+# bit-identical: Lightning replays the start of the interrupted epoch and dropout is reseeded. The
+# tolerances allow one of the 24 validation texts, and about four times the loss difference seen.
 ACC_TOLERANCE = 1 / 24 + 1e-6
-LOSS_TOLERANCE = 0.05
+LOSS_TOLERANCE = 0.03
 
 
 def tiny_args(root: Path, *extra: str, cache: Path | None = None) -> list[str]:
