@@ -159,7 +159,7 @@ def classifier(tiny_checkpoint):
 
 
 @settings(max_examples=25, deadline=None)
-@given(texts=st.lists(st.one_of(st.text(max_size=60), st.just(""), st.just("great " * 5000)), min_size=1, max_size=6))
+@given(texts=st.lists(st.one_of(st.text(max_size=60), st.just(""), st.just(" \n\t"), st.just("great " * 2000)), max_size=6))
 def test_predict_answers_every_text_in_order(classifier, texts):
     predictions = classifier.predict(texts, batch_size=4)
     assert [p.text for p in predictions] == texts
@@ -167,12 +167,13 @@ def test_predict_answers_every_text_in_order(classifier, texts):
         assert prediction.label in classifier.labels
         assert abs(sum(prediction.probs.values()) - 1) < 1e-5
         assert 1 <= prediction.num_tokens <= classifier.max_length
-        if not prediction.text.strip():
+        # Only plain spaces for sure: Python's strip() also drops control characters such as
+        # "\x1f", which the tokenizer reads as an unknown token, so those are not empty.
+        if not prediction.text.strip(" \t\n"):
             assert prediction.empty
-    alone = [classifier.predict(text) for text in texts]
-    assert [p.label for p in alone] == [p.label for p in predictions] or all(
-        abs(a.score - b.score) < 1e-4 for a, b in zip(alone, predictions)
-    )
+    # Batched with other texts or alone, a text gets the same probabilities (up to float noise).
+    for alone, batched in zip((classifier.predict(text) for text in texts), predictions):
+        assert all(abs(alone.probs[name] - batched.probs[name]) < 1e-4 for name in classifier.labels)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
