@@ -1,0 +1,79 @@
+"""LitClassifier: schedule, checkpoint round trip, and both precisions on CPU."""
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+
+from gru_nlp.data import TextDataModule
+from gru_nlp.lit import CHECKPOINT_KEY, LitClassifier, warmup_cosine
+from gru_nlp.tokenizer import load_tokenizer
+
+from test_cli import REPO
+
+
+def test_warmup_then_cosine_decay():
+    schedule = warmup_cosine(warmup_steps=4, total_steps=14, min_ratio=0.1)
+    assert [schedule(step) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert schedule(4) == pytest.approx(1.0)
+    assert schedule(9) == pytest.approx(0.55)  # half way down the cosine
+    assert schedule(14) == pytest.approx(0.1)
+    assert schedule(100) == pytest.approx(0.1)
+
+
+def test_inconsistent_label_names_are_refused():
+    with pytest.raises(ValueError, match="label_names has 3 names but num_classes is 2"):
+        LitClassifier(vocab_size=50, num_classes=2, label_names=["a", "b", "c"])
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> TextDataModule:
+    cache = tmp_path_factory.mktemp("cache")
+    return TextDataModule(str(REPO / "tests/fixtures/tiny"), vocab_size=300, min_frequency=1, max_length=64, batch_size=16, val_size=0.2, cache_dir=str(cache))
+
+
+def fit_tiny(data: TextDataModule, root, precision: str = "32-true") -> tuple[L.Trainer, LitClassifier]:
+    L.seed_everything(0, verbose=False)
+    model = LitClassifier(data.vocab_size, data.num_classes, data.label_names, embedding_dim=16, hidden_size=12, num_layers=1, lr=0.01)
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        precision=precision,
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, datamodule=data)
+    return trainer, model
+
+
+def test_checkpoint_reloads_to_identical_logits_and_carries_what_inference_needs(tiny_data, tmp_path):
+    trainer, model = fit_tiny(tiny_data, tmp_path)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+
+    reloaded = LitClassifier.load_from_checkpoint(path, map_location="cpu")
+    batch = next(iter(tiny_data.val_dataloader()))
+    model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(batch["input_ids"], batch["lengths"]), model(batch["input_ids"], batch["lengths"]), rtol=0, atol=0)
+
+    extras = torch.load(path, weights_only=True)[CHECKPOINT_KEY]
+    assert extras["label_names"] == ["neg", "pos"]
+    assert extras["max_length"] == 64 and extras["truncation"] == "head_tail"
+    assert extras["tokenizer"] == tiny_data.tokenizer.to_str()
+    assert reloaded.inference_config["tokenizer"] == extras["tokenizer"]
+    # The run folder carries the tokenizer too.
+    assert load_tokenizer(tmp_path / "tokenizer.json").to_str() == tiny_data.tokenizer.to_str()
+
+
+def test_bf16_mixed_trains_on_cpu(tiny_data, tmp_path):
+    trainer, model = fit_tiny(tiny_data, tmp_path, precision="bf16-mixed")
+    assert trainer.global_step > 0
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert all(parameter.dtype == torch.float32 for parameter in model.parameters())  # mixed: weights stay fp32
