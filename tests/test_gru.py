@@ -1,0 +1,123 @@
+"""PaddingSafeGRU must compute exactly what nn.GRU computes on each unpadded sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gru_nlp.gru import PaddingSafeGRU
+
+BATCH, STEPS, INPUT, HIDDEN = 3, 7, 8, 6
+LENGTHS = torch.tensor([5, 7, 2])
+
+
+def make_pair(num_layers: int, bidirectional: bool, fused: bool = True, dtype=torch.float32):
+    torch.manual_seed(0)
+    gru = PaddingSafeGRU(INPUT, HIDDEN, num_layers, bidirectional, fused=fused).to(dtype)
+    reference = nn.GRU(INPUT, HIDDEN, num_layers, batch_first=True, bidirectional=bidirectional).to(dtype)
+    reference.load_state_dict(gru.state_dict())
+    return gru, reference
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_matches_nn_gru_per_sequence(num_layers: int, bidirectional: bool, fused: bool) -> None:
+    gru, reference = make_pair(num_layers, bidirectional, fused)
+    x = torch.randn(BATCH, STEPS, INPUT, requires_grad=True)
+    x_reference = x.detach().clone().requires_grad_(True)
+    output = gru(x, LENGTHS)
+    width = HIDDEN * (2 if bidirectional else 1)
+    assert output.shape == (BATCH, STEPS, width)
+    grad_output = torch.randn_like(output)
+    (output * grad_output).sum().backward()
+
+    loss = 0.0
+    for b, length in enumerate(LENGTHS.tolist()):
+        expected, _ = reference(x_reference[b : b + 1, :length])  # (1, L, D*H)
+        torch.testing.assert_close(output[b : b + 1, :length], expected, atol=1e-5, rtol=0)
+        assert (output[b, length:] == 0).all()
+        loss = loss + (expected * grad_output[b : b + 1, :length]).sum()
+    loss.backward()
+
+    torch.testing.assert_close(x.grad, x_reference.grad, atol=1e-5, rtol=0)
+    reference_params = dict(reference.named_parameters())
+    for name, param in gru.named_parameters():
+        torch.testing.assert_close(param.grad, reference_params[name].grad, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_padding_does_not_change_a_sequence(fused: bool) -> None:
+    gru, _ = make_pair(2, True, fused)
+    gru.eval()
+    x = torch.randn(BATCH, STEPS, INPUT)
+    batched = gru(x, LENGTHS)
+    for b, length in enumerate(LENGTHS.tolist()):
+        alone = gru(x[b : b + 1, :length], LENGTHS[b : b + 1])  # (1, L, 2H)
+        torch.testing.assert_close(batched[b : b + 1, :length], alone, atol=1e-6, rtol=0)
+
+
+def test_short_batch_is_padded_back_to_input_length() -> None:
+    gru, _ = make_pair(1, True)
+    out = gru(torch.randn(BATCH, STEPS, INPUT), torch.tensor([3, 2, 3]))
+    assert out.shape == (BATCH, STEPS, 2 * HIDDEN)
+    assert (out[:, 3:] == 0).all()
+
+
+def test_autocast_bf16_keeps_float_outputs() -> None:
+    gru, _ = make_pair(2, True)
+    x = torch.randn(BATCH, STEPS, INPUT)
+    expected = gru(x, LENGTHS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = gru(x.bfloat16(), LENGTHS)
+    assert output.dtype == torch.float32
+    assert torch.isfinite(output).all()
+    # only the bf16 rounding of the input differs
+    torch.testing.assert_close(output, expected, atol=2e-2, rtol=0)
+
+
+def test_dropout_between_layers() -> None:
+    torch.manual_seed(0)
+    gru = PaddingSafeGRU(INPUT, HIDDEN, num_layers=2, dropout=0.5)
+    x = torch.randn(BATCH, STEPS, INPUT)
+    gru.train()
+    assert not torch.equal(gru(x, LENGTHS), gru(x, LENGTHS))
+    gru.eval()
+    torch.testing.assert_close(gru(x, LENGTHS), gru(x, LENGTHS), atol=0, rtol=0)
+
+
+def test_directional_gradcheck_float64() -> None:
+    """v^T J u by central differences equals the backward's answer, for x and all weights.
+
+    (``torch.autograd.gradcheck`` backpropagates several times through one graph, which
+    the fused backward does not allow: it consumes its saved buffer.)
+    """
+    gru, _ = make_pair(2, True, dtype=torch.float64)
+    lengths = torch.tensor([4, 3])
+    x = torch.randn(2, 4, INPUT, dtype=torch.float64, requires_grad=True)
+    inputs = [x, *gru.parameters()]
+    directions = [torch.randn_like(t) for t in inputs]
+    v = torch.randn(2, 4, 2 * HIDDEN, dtype=torch.float64)
+
+    (gru(x, lengths) * v).sum().backward()
+    analytic = sum((t.grad * u).sum() for t, u in zip(inputs, directions))
+
+    eps = 1e-6
+    with torch.no_grad():
+        values = []
+        for sign in (1, -1):
+            for t, u in zip(inputs, directions):
+                t.add_(sign * eps * u)
+            values.append((gru(x, lengths) * v).sum())
+            for t, u in zip(inputs, directions):
+                t.sub_(sign * eps * u)
+    numeric = (values[0] - values[1]) / (2 * eps)
+    torch.testing.assert_close(analytic, numeric, atol=1e-7, rtol=1e-7)
+
+
+def test_state_dict_round_trips_with_nn_gru() -> None:
+    gru, reference = make_pair(2, True)
+    assert gru.state_dict().keys() == reference.state_dict().keys()
+    weights = gru.layer_weights(1, reverse=True)
+    assert [w.shape for w in weights] == [(3 * HIDDEN, 2 * HIDDEN), (3 * HIDDEN, HIDDEN), (3 * HIDDEN,), (3 * HIDDEN,)]
