@@ -249,8 +249,8 @@ class PaddingSafeGRU(nn.Module):
         lengths = lengths.to(x.device)
         if x.device.type != "cpu":
             return self._forward_per_direction(x, lengths)
-        # The CPU GRU has no fast bf16 path: under autocast it ran about 10x slower than
-        # fp32 (scripts/benchmark_gru.py), so the recurrence always runs in full precision.
+        # CPU bf16 matmuls have no fast kernel here (AVX2, no AVX-512/AMX): the GRU ran about
+        # 10x slower under bf16 autocast than in fp32, so the recurrence stays in fp32.
         with torch.autocast("cpu", enabled=False):
             if x.dtype in (torch.bfloat16, torch.float16):
                 x = x.float()
