@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from gru_nlp.allocator import keep_freed_memory
 from gru_nlp.callbacks import (
     AtomicCheckpointIO,
     EpochSummary,
@@ -104,6 +105,7 @@ def run_cli(args: list[str], **kwargs) -> GruNlpCLI:
     An unusable output folder exits with status 2 and a one-line message; a SIGTERM during
     ``fit`` exits with status 143 after `ResumeCheckpoint` saved ``last.ckpt``.
     """
+    keep_freed_memory()
     callbacks = [EpochSummary(), Preflight(), *kwargs.pop("extra_callbacks", [])]
     try:
         return GruNlpCLI(

@@ -156,11 +156,12 @@ class LitClassifier(L.LightningModule):
                 "max_length": datamodule.hparams.get("max_length", getattr(datamodule, "max_length", None)),
                 "truncation": datamodule.hparams.get("truncation", getattr(datamodule, "truncation", None)),
             }
-            if self.trainer.is_global_zero and self.trainer.log_dir:
+            log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
+            if self.trainer.is_global_zero and log_dir:
                 # The run folder carries its tokenizer too, for tools that read it without a checkpoint.
                 from gru_nlp.tokenizer import save_tokenizer
 
-                save_tokenizer(datamodule.tokenizer, f"{self.trainer.log_dir}/tokenizer.json")
+                save_tokenizer(datamodule.tokenizer, f"{log_dir}/tokenizer.json")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {
