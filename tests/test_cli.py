@@ -59,7 +59,6 @@ def test_fit_then_test_on_the_tiny_config(tmp_path):
     assert "test/acc" in tested.stdout
 
 
-@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_writes_a_loadable_checkpoint(tmp_path):
     gru_nlp(
         "fit", *tiny_args(tmp_path),
