@@ -135,9 +135,19 @@ def read_texts(path: Path, text_field: str = "text") -> Iterator[str]:
         InputError: the column or field is missing, a value is not a string, or a
             .jsonl line is not JSON.
     """
+    try:
+        yield from _read_texts(path, text_field)
+    except UnicodeDecodeError as error:
+        bad_byte = error.object[error.start : error.start + 1]
+        raise InputError(f"{path}: not valid UTF-8 text (found byte {bad_byte!r}); re-save the file as UTF-8") from None
+
+
+def _read_texts(path: Path, text_field: str) -> Iterator[str]:
     suffix = path.suffix.lower()
     with path.open(encoding="utf-8", newline="" if suffix == ".csv" else None) as file:
         if suffix == ".csv":
+            # Reviews can be long: lift the csv module's default 128 KiB limit per field.
+            csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
             reader = csv.DictReader(file)
             if reader.fieldnames is None or text_field not in reader.fieldnames:
                 raise InputError(
