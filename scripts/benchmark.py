@@ -6,8 +6,9 @@ Both sides train the same model sizes on the same IMDB reviews, cut to the same
 - baseline: plain PyTorch, `nn.GRU` + attention, every review padded or cut to
   `--max-length`, fp32, batches of random reviews, a hand-written training loop;
 - shipped: `LitClassifier` trained by a Lightning `Trainer` on length-bucketed
-  batches (`BucketBatchSampler` + `collate`), the padding-safe GRU, at each
-  `--precision` asked for.
+  batches (`BucketBatchSampler` + `collate`), the padding-safe GRU, for each
+  `--shipped` variant: one process, or (`-ddp`) two single-threaded DDP processes
+  sharing each batch of the same global size, as `configs/cpu_ddp.yaml` trains.
 
 Only real (non-padding) tokens are counted. Each variant runs in its own process,
 so its peak resident memory is its own. Example:
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import subprocess
@@ -116,7 +118,8 @@ def run_baseline(args: argparse.Namespace, encoded: dict) -> dict:
     }
 
 
-def run_shipped(args: argparse.Namespace, encoded: dict, precision: str) -> dict:
+def run_shipped(args: argparse.Namespace, encoded: dict, variant: str) -> dict | None:
+    """`variant` is a Lightning precision, with "-ddp" for two single-threaded CPU processes."""
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -140,14 +143,25 @@ def run_shipped(args: argparse.Namespace, encoded: dict, precision: str) -> dict
                 self.real_tokens += int(batch["lengths"].sum())
                 self.positions += batch["input_ids"].numel()
 
+    precision, ddp = variant.removesuffix("-ddp"), variant.endswith("-ddp")
+    processes = 2 if ddp else 1
     L.seed_everything(0, verbose=False)
     examples = [{"input_ids": ids, "labels": label} for ids, label in zip(encoded["train_ids"], encoded["train_labels"])]
-    sampler = BucketBatchSampler([len(ids) for ids in encoded["train_ids"]], args.batch_size, shuffle=True)
-    loader = DataLoader(examples, batch_sampler=sampler, collate_fn=collate)
+    lengths = [len(ids) for ids in encoded["train_ids"]]
+
+    class Data(L.LightningDataModule):
+        def train_dataloader(self) -> DataLoader:
+            # Built in the hook so Lightning can hand the sampler its DDP rank (gru_nlp.batching).
+            # Under DDP each process takes half of every global batch: the optimiser sees the same batch size.
+            sampler = BucketBatchSampler(lengths, args.batch_size // processes, shuffle=True)
+            return DataLoader(examples, batch_sampler=sampler, collate_fn=collate)
+
     model = LitClassifier(encoded["vocab_size"], 2, **SIZES)
     throughput = Throughput()
     trainer = L.Trainer(
         accelerator="cpu",
+        devices=processes,
+        strategy="ddp" if ddp else "auto",
         precision=precision,
         max_steps=args.warmup + args.steps,
         gradient_clip_val=1.0,
@@ -158,7 +172,12 @@ def run_shipped(args: argparse.Namespace, encoded: dict, precision: str) -> dict
         enable_model_summary=False,
         limit_val_batches=0,
     )
-    trainer.fit(model, loader)
+    trainer.fit(model, datamodule=Data())
+    counts = torch.tensor([throughput.real_tokens, throughput.positions], dtype=torch.float64)
+    real_tokens, positions = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+    if not trainer.is_global_zero:
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)  # inference in one process, as the API runs
 
     classifier = model.model.eval()
     test_ids = encoded["test_ids"]
@@ -170,9 +189,9 @@ def run_shipped(args: argparse.Namespace, encoded: dict, precision: str) -> dict
             classifier(batch["input_ids"], batch["lengths"])
     inference_s = time.perf_counter() - start
     return {
-        "real_tokens_per_s": throughput.real_tokens / throughput.elapsed,
-        "positions_per_s": throughput.positions / throughput.elapsed,
-        "padding_fraction": 1 - throughput.real_tokens / throughput.positions,
+        "real_tokens_per_s": real_tokens / throughput.elapsed,
+        "positions_per_s": positions / throughput.elapsed,
+        "padding_fraction": 1 - real_tokens / positions,
         "inference_texts_per_s": len(test_ids) / inference_s,
     }
 
@@ -187,7 +206,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=40, help="timed training steps")
-    parser.add_argument("--precision", nargs="+", default=["32-true"], help="shipped variants, e.g. 32-true bf16-mixed")
+    parser.add_argument(
+        "--shipped",
+        nargs="+",
+        default=["32-true", "32-true-ddp"],
+        help="shipped variants: a Lightning precision (32-true, bf16-mixed), with -ddp for 2 CPU processes",
+    )
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -202,6 +226,8 @@ def main() -> None:
             result = run_baseline(args, encoded)
         else:
             result = run_shipped(args, encoded, args.variant)
+            if result is None:  # a second DDP process: rank 0 reports for both
+                return
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print("RESULT " + json.dumps(result))
         return
@@ -215,7 +241,7 @@ def main() -> None:
         )
         results = {}
         # "baseline+allocator" shows how much of the gain is the allocator setting alone.
-        for variant in ["baseline", "baseline+allocator", *args.precision]:
+        for variant in ["baseline", "baseline+allocator", *args.shipped]:
             child = [sys.executable, __file__, *sys.argv[1:], "--variant", variant, "--workdir", workdir]
             output = subprocess.run(child, capture_output=True, text=True)
             lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
