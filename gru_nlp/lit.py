@@ -12,6 +12,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from gru_nlp.model import BiGRUClassifier, Pooling
+from gru_nlp.tokenizer import save_tokenizer
 
 # Everything inference needs besides the weights lives under this key of the checkpoint.
 CHECKPOINT_KEY = "gru_nlp"
@@ -159,8 +160,6 @@ class LitClassifier(L.LightningModule):
             log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
             if self.trainer.is_global_zero and log_dir:
                 # The run folder carries its tokenizer too, for tools that read it without a checkpoint.
-                from gru_nlp.tokenizer import save_tokenizer
-
                 save_tokenizer(datamodule.tokenizer, f"{log_dir}/tokenizer.json")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """LitClassifier: schedule, checkpoint round trip, and both precisions on CPU."""
 
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -10,7 +11,7 @@ from gru_nlp.data import TextDataModule
 from gru_nlp.lit import CHECKPOINT_KEY, LitClassifier, warmup_cosine
 from gru_nlp.tokenizer import load_tokenizer
 
-from test_cli import REPO
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_warmup_then_cosine_decay():
