@@ -39,6 +39,7 @@ MODEL_ARGUMENTS = (
     "pooling",
     "pad_id",
 )
+TRAINING_ONLY_ARGUMENTS = ("recurrent_dropout",)
 
 
 class CheckpointError(ValueError):
@@ -141,7 +142,10 @@ def build_model(
             f"vocab_size is {hparams['vocab_size']}"
         )
     try:
-        model = BiGRUClassifier(**{name: hparams[name] for name in MODEL_ARGUMENTS})
+        arguments = {name: hparams[name] for name in MODEL_ARGUMENTS}
+        # Added later, and only used in training: older checkpoints lack it.
+        arguments.update({name: hparams[name] for name in TRAINING_ONLY_ARGUMENTS if name in hparams})
+        model = BiGRUClassifier(**arguments)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: hyper_parameters do not describe a valid model ({error})") from None
     # Lightning prefixes the wrapped module's weights with "model."; the rest (loss weights,

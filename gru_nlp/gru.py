@@ -192,6 +192,10 @@ class PaddingSafeGRU(nn.Module):
         num_layers: number of stacked layers.
         bidirectional: add a right-to-left direction to every layer.
         dropout: dropout on the outputs of every layer but the last (as in ``nn.GRU``).
+        recurrent_dropout: DropConnect on the hidden-to-hidden weights (``weight_hh``):
+            in training, each forward pass zeroes this fraction of their entries, the
+            same ones at every time step (the "weight drop" of AWD-LSTM, Merity et al.
+            2018). It regularises the recurrence itself and costs one dropout per weight.
         fused: on CPU, run the recurrence in the fused kernel (``_FusedGRULayer``);
             ``False`` runs ``torch._VF.gru`` per direction instead (kept for comparison).
             CUDA always uses ``torch._VF.gru`` (cuDNN).
@@ -204,6 +208,7 @@ class PaddingSafeGRU(nn.Module):
         num_layers: int = 1,
         bidirectional: bool = True,
         dropout: float = 0.0,
+        recurrent_dropout: float = 0.0,
         fused: bool = True,
     ) -> None:
         super().__init__()
@@ -214,6 +219,7 @@ class PaddingSafeGRU(nn.Module):
         self.num_directions = 2 if bidirectional else 1
         self.fused = fused
         self.dropout = nn.Dropout(dropout)
+        self.recurrent_dropout = recurrent_dropout
         suffixes = ["", "_reverse"][: self.num_directions]
         for layer in range(num_layers):
             layer_input = input_size if layer == 0 else hidden_size * self.num_directions
@@ -234,6 +240,12 @@ class PaddingSafeGRU(nn.Module):
         """(W_ih, W_hh, b_ih, b_hh) of one layer and direction, gates stacked as [r, z, n]."""
         suffix = "_reverse" if reverse else ""
         return tuple(getattr(self, f"{name}_l{layer}{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+
+    def _drop_recurrent(self, w_hh: Tensor) -> Tensor:
+        """W_hh with recurrent_dropout applied (in training only)."""
+        if self.training and self.recurrent_dropout > 0:
+            return F.dropout(w_hh, self.recurrent_dropout)
+        return w_hh
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         """Run the stack.
@@ -273,7 +285,8 @@ class PaddingSafeGRU(nn.Module):
             if self.bidirectional:
                 directions.append(_select_rows(hidden, rows))
             weights = zip(*(self.layer_weights(layer, reverse) for reverse in (False, True)[: self.num_directions]))
-            states = _FusedGRULayer.apply(torch.stack(directions), *(torch.stack(w) for w in weights))  # (D, T', B, H)
+            w_ih, w_hh, b_ih, b_hh = (torch.stack(w) for w in weights)  # (D, 3H, E_l), (D, 3H, H), (D, 3H), (D, 3H)
+            states = _FusedGRULayer.apply(torch.stack(directions), w_ih, self._drop_recurrent(w_hh), b_ih, b_hh)  # (D, T', B, H)
             outputs = [states[0]]
             if self.bidirectional:
                 outputs.append(_select_rows(states[1], rows))
@@ -298,6 +311,7 @@ class PaddingSafeGRU(nn.Module):
     def _run_direction(self, x: Tensor, layer: int, reverse: bool) -> Tensor:
         """One layer, one direction, left to right: (B, T, E_l) -> (B, T, H)."""
         weights = list(self.layer_weights(layer, reverse))
+        weights[1] = self._drop_recurrent(weights[1])
         h0 = x.new_zeros(1, x.size(0), self.hidden_size)
         output, _ = torch._VF.gru(x, h0, weights, True, 1, 0.0, self.training, False, True)
         return output
@@ -305,5 +319,6 @@ class PaddingSafeGRU(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
-            f"bidirectional={self.bidirectional}, dropout={self.dropout.p}, fused={self.fused}"
+            f"bidirectional={self.bidirectional}, dropout={self.dropout.p}, "
+            f"recurrent_dropout={self.recurrent_dropout}, fused={self.fused}"
         )

@@ -33,7 +33,8 @@ class LitClassifier(L.LightningModule):
         bidirectional: add a right-to-left GRU.
         dropout: between GRU layers and before the classifier.
         embedding_dropout: word dropout on the embeddings.
-        pooling: "attention", "mean" or "max".
+        recurrent_dropout: DropConnect on the GRU's hidden-to-hidden weights.
+        pooling: "attention", "mean", "max" or "attention_max" (both concatenated).
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay (not applied to biases or the embedding).
         warmup: fraction of all optimiser steps spent warming the learning rate up linearly.
@@ -54,6 +55,7 @@ class LitClassifier(L.LightningModule):
         bidirectional: bool = True,
         dropout: float = 0.3,
         embedding_dropout: float = 0.1,
+        recurrent_dropout: float = 0.0,
         pooling: Pooling = "attention",
         lr: float = 2e-3,
         weight_decay: float = 0.01,
@@ -78,6 +80,7 @@ class LitClassifier(L.LightningModule):
             bidirectional=bidirectional,
             dropout=dropout,
             embedding_dropout=embedding_dropout,
+            recurrent_dropout=recurrent_dropout,
             pooling=pooling,
             pad_id=pad_id,
         )

@@ -4,7 +4,9 @@ Shape legend: B batch, T padded length, V vocabulary size, E embedding dim,
 H hidden size per direction, D directions (1 or 2), K classes.
 
     input_ids (B, T) -> embedding (B, T, E) -> PaddingSafeGRU (B, T, D*H)
-      -> pooling over the real tokens (B, D*H) -> dropout -> linear (B, K)
+      -> pooling over the real tokens (B, P) -> dropout -> linear (B, K)
+
+P is D*H, or 2*D*H for "attention_max" pooling (attention and max pooling side by side).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from torch import Tensor, nn
 
 from gru_nlp.gru import PaddingSafeGRU
 
-Pooling = Literal["attention", "mean", "max"]
+Pooling = Literal["attention", "mean", "max", "attention_max"]
+POOLINGS = ("attention", "mean", "max", "attention_max")
 
 
 def lengths_to_mask(lengths: Tensor, max_length: int) -> Tensor:
@@ -64,12 +67,16 @@ def mean_pool(states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 def max_pool(states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Feature-wise maximum over the real tokens; a token's weight is its share of the maxima."""
-    masked = states.masked_fill(~mask[..., None], torch.finfo(states.dtype).min)  # (B, T, C)
-    pooled, winners = masked.max(dim=1)  # (B, C), (B, C)
+    pooled, winners = _masked_max(states, mask)  # (B, C), (B, C)
     counts = torch.zeros(mask.shape, device=states.device).scatter_add_(
         1, winners, torch.ones(winners.shape, device=states.device)
     )  # (B, T)
     return pooled, counts / states.size(-1)
+
+
+def _masked_max(states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, T, C) states, (B, T) mask -> (B, C) maxima over the real tokens and their (B, C) positions."""
+    return states.masked_fill(~mask[..., None], torch.finfo(states.dtype).min).max(dim=1)
 
 
 class ClassifierOutput(NamedTuple):
@@ -90,7 +97,11 @@ class BiGRUClassifier(nn.Module):
         dropout: between GRU layers and before the classifier.
         embedding_dropout: probability of dropping a whole token's embedding in training
             (word dropout), which regularises more than dropping single features.
-        pooling: "attention" (additive), "mean" or "max".
+        recurrent_dropout: DropConnect on the GRU's hidden-to-hidden weights in training.
+        pooling: "attention" (additive), "mean", "max", or "attention_max": the
+            attention-pooled and the max-pooled vectors concatenated, so the classifier
+            sees both a weighted summary and the strongest evidence per feature; its
+            explanation weights are the attention's.
         pad_id: the padding token id; its embedding stays zero.
     """
 
@@ -106,18 +117,20 @@ class BiGRUClassifier(nn.Module):
         embedding_dropout: float = 0.1,
         pooling: Pooling = "attention",
         pad_id: int = 0,
+        recurrent_dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if pooling not in ("attention", "mean", "max"):
-            raise ValueError(f"pooling must be 'attention', 'mean' or 'max', got {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
         self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=pad_id)
         self.embedding_dropout = embedding_dropout
-        self.gru = PaddingSafeGRU(embedding_dim, hidden_size, num_layers, bidirectional, dropout)
+        self.gru = PaddingSafeGRU(embedding_dim, hidden_size, num_layers, bidirectional, dropout, recurrent_dropout)
         output_dim = hidden_size * (2 if bidirectional else 1)
-        self.attention = AttentionPooling(output_dim) if pooling == "attention" else None
+        self.attention = AttentionPooling(output_dim) if pooling in ("attention", "attention_max") else None
         self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(output_dim, num_classes)
+        pooled_dim = output_dim * (2 if pooling == "attention_max" else 1)
+        self.classifier = nn.Linear(pooled_dim, num_classes)
 
     def forward(self, input_ids: Tensor, lengths: Tensor) -> ClassifierOutput:
         """Classify a right-padded batch.
@@ -135,11 +148,17 @@ class BiGRUClassifier(nn.Module):
             keep = torch.rand(embedded.shape[:2], device=embedded.device) >= self.embedding_dropout  # (B, T)
             embedded = embedded * keep[..., None] / (1 - self.embedding_dropout)
         states = self.gru(embedded, lengths)  # (B, T, D*H)
-        if self.attention is not None:
-            pooled, weights = self.attention(states, mask)  # (B, D*H), (B, T)
-        elif self.pooling == "mean":
-            pooled, weights = mean_pool(states, mask)
-        else:
-            pooled, weights = max_pool(states, mask)
+        pooled, weights = self.pool(states, mask)  # (B, P), (B, T)
         logits = self.classifier(self.dropout(pooled))  # (B, K)
         return ClassifierOutput(logits, weights)
+
+    def pool(self, states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, T, D*H) states, (B, T) mask -> (B, P) pooled vector and (B, T) token weights."""
+        if self.pooling == "mean":
+            return mean_pool(states, mask)
+        if self.pooling == "max":
+            return max_pool(states, mask)
+        pooled, weights = self.attention(states, mask)  # (B, D*H), (B, T)
+        if self.pooling == "attention_max":
+            pooled = torch.cat([pooled, _masked_max(states, mask)[0]], dim=-1)  # (B, 2*D*H)
+        return pooled, weights

@@ -121,3 +121,21 @@ def test_state_dict_round_trips_with_nn_gru() -> None:
     assert gru.state_dict().keys() == reference.state_dict().keys()
     weights = gru.layer_weights(1, reverse=True)
     assert [w.shape for w in weights] == [(3 * HIDDEN, 2 * HIDDEN), (3 * HIDDEN, HIDDEN), (3 * HIDDEN,), (3 * HIDDEN,)]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_recurrent_dropout_drops_hidden_weights_in_training_only(fused: bool) -> None:
+    torch.manual_seed(0)
+    gru = PaddingSafeGRU(INPUT, HIDDEN, num_layers=2, recurrent_dropout=0.5, fused=fused)
+    plain = PaddingSafeGRU(INPUT, HIDDEN, num_layers=2, fused=fused)
+    plain.load_state_dict(gru.state_dict())
+    x = torch.randn(BATCH, STEPS, INPUT)
+    gru.train()
+    first = gru(x, LENGTHS)
+    assert not torch.equal(first, gru(x, LENGTHS))
+    first.sum().backward()
+    assert gru.weight_hh_l0.grad.abs().sum() > 0
+    # about half of W_hh's entries were dropped, so got no gradient
+    assert 0.3 < (gru.weight_hh_l1_reverse.grad == 0).float().mean() < 0.7
+    gru.eval()
+    torch.testing.assert_close(gru(x, LENGTHS), plain.eval()(x, LENGTHS), atol=0, rtol=0)

@@ -24,7 +24,7 @@ def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
-@pytest.mark.parametrize("pooling", ["attention", "mean", "max"])
+@pytest.mark.parametrize("pooling", ["attention", "mean", "max", "attention_max"])
 def test_output_shapes(bidirectional, pooling):
     model = make_model(bidirectional=bidirectional, pooling=pooling)
     input_ids, lengths = padded_batch()
@@ -34,7 +34,7 @@ def test_output_shapes(bidirectional, pooling):
     assert model.gru(model.embedding(input_ids), lengths).shape == (B, T, H * (2 if bidirectional else 1))
 
 
-@pytest.mark.parametrize("pooling", ["attention", "mean", "max"])
+@pytest.mark.parametrize("pooling", ["attention", "mean", "max", "attention_max"])
 def test_weights_sum_to_one_over_real_tokens_and_zero_on_padding(pooling):
     model = make_model(pooling=pooling)
     input_ids, lengths = padded_batch()
@@ -43,7 +43,7 @@ def test_weights_sum_to_one_over_real_tokens_and_zero_on_padding(pooling):
     assert torch.all(weights[~lengths_to_mask(lengths, T)] == 0)
 
 
-@pytest.mark.parametrize("pooling", ["attention", "mean", "max"])
+@pytest.mark.parametrize("pooling", ["attention", "mean", "max", "attention_max"])
 def test_a_text_alone_and_inside_a_padded_batch_give_the_same_logits(pooling):
     model = make_model(pooling=pooling)
     input_ids, lengths = padded_batch()
