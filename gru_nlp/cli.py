@@ -19,7 +19,8 @@ def main(args: list[str] | None = None) -> None:
         return
     from gru_nlp.lightning_cli import run_cli
 
-    run_cli(argv)
+    # None lets LightningCLI read sys.argv itself (passing it as `args` makes Lightning warn).
+    run_cli(args)
 
 
 if __name__ == "__main__":

@@ -99,8 +99,10 @@ class GruNlpCLI(LightningCLI):
         return str(max(found, key=os.path.getmtime)) if found else None
 
 
-def run_cli(args: list[str], **kwargs) -> GruNlpCLI:
+def run_cli(args: list[str] | None = None, **kwargs) -> GruNlpCLI:
     """Build (and by default run) the CLI with the project's defaults; kwargs go to LightningCLI.
+
+    ``args`` are the command-line arguments after the program name; None reads ``sys.argv``.
 
     An unusable output folder exits with status 2 and a one-line message; a SIGTERM during
     ``fit`` exits with status 143 after `ResumeCheckpoint` saved ``last.ckpt``.

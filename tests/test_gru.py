@@ -139,3 +139,11 @@ def test_recurrent_dropout_drops_hidden_weights_in_training_only(fused: bool) ->
     assert 0.3 < (gru.weight_hh_l1_reverse.grad == 0).float().mean() < 0.7
     gru.eval()
     torch.testing.assert_close(gru(x, LENGTHS), plain.eval()(x, LENGTHS), atol=0, rtol=0)
+
+
+def test_dropout_between_layers_keeps_one_mask_along_time() -> None:
+    torch.manual_seed(0)
+    gru = PaddingSafeGRU(INPUT, HIDDEN, num_layers=2, dropout=0.5).train()
+    outputs = gru._drop_between_layers(torch.ones(STEPS, BATCH, 2 * HIDDEN), time_dim=0)  # (T, B, 2H)
+    assert torch.equal(outputs, outputs[:1].expand_as(outputs))  # same units dropped at every step
+    assert set(outputs.unique().tolist()) == {0.0, 2.0}  # kept units scaled by 1 / (1 - p)
