@@ -13,7 +13,7 @@ Both sides train the same model sizes on the same IMDB reviews, cut to the same
 Only real (non-padding) tokens are counted. Each variant runs in its own process,
 so its peak resident memory is its own. Example:
 
-    python scripts/benchmark.py --data ../shared/data/imdb --reviews 4000 --steps 40
+    python scripts/benchmark.py --data ../shared/data/imdb --reviews 4000 --steps 40 --rounds 3
 """
 
 from __future__ import annotations
@@ -212,6 +212,7 @@ def main() -> None:
         default=["32-true", "32-true-ddp"],
         help="shipped variants: a Lightning precision (32-true, bf16-mixed), with -ddp for 2 CPU processes",
     )
+    parser.add_argument("--rounds", type=int, default=1, help="run every variant this many times; report each one's median round")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -239,15 +240,26 @@ def main() -> None:
             f"{len(lengths)} IMDB train reviews, cut to {args.max_length} tokens: mean {sum(lengths) / len(lengths):.0f}; "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads"
         )
-        results = {}
         # "baseline+allocator" shows how much of the gain is the allocator setting alone.
-        for variant in ["baseline", "baseline+allocator", *args.shipped]:
-            child = [sys.executable, __file__, *sys.argv[1:], "--variant", variant, "--workdir", workdir]
-            output = subprocess.run(child, capture_output=True, text=True)
-            lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
-            if output.returncode != 0 or not lines:
-                sys.exit(f"variant {variant} failed:\n{output.stderr[-3000:]}")
-            results[variant] = json.loads(lines[-1][len("RESULT ") :])
+        variants = ["baseline", "baseline+allocator", *args.shipped]
+        runs: dict[str, list[dict]] = {variant: [] for variant in variants}
+        # Rounds interleave the variants, so a slow spell on the machine hits them alike.
+        for _ in range(args.rounds):
+            for variant in variants:
+                child = [sys.executable, __file__, *sys.argv[1:], "--variant", variant, "--workdir", workdir]
+                output = subprocess.run(child, capture_output=True, text=True)
+                lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
+                if output.returncode != 0 or not lines:
+                    sys.exit(f"variant {variant} failed:\n{output.stderr[-3000:]}")
+                runs[variant].append(json.loads(lines[-1][len("RESULT ") :]))
+        # Per variant, the round with the median training speed.
+        results = {
+            variant: sorted(rounds, key=lambda r: r["real_tokens_per_s"])[len(rounds) // 2] for variant, rounds in runs.items()
+        }
+        if args.rounds > 1:
+            print("real tokens/s per round: " + "; ".join(
+                f"{variant} " + ", ".join(f"{r['real_tokens_per_s']:,.0f}" for r in rounds) for variant, rounds in runs.items()
+            ))
 
     base = results["baseline"]
     print(f"\n{'variant':<24}{'real tok/s':>12}{'x base':>8}{'positions/s':>13}{'padding':>9}{'peak MB':>9}{'infer texts/s':>15}{'x base':>8}")
