@@ -11,7 +11,7 @@ P is D*H, or 2*D*H for "attention_max" pooling (attention and max pooling side b
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from gru_nlp.gru import PaddingSafeGRU
 
 Pooling = Literal["attention", "mean", "max", "attention_max"]
-POOLINGS = ("attention", "mean", "max", "attention_max")
+POOLINGS: tuple[str, ...] = get_args(Pooling)
 
 
 def lengths_to_mask(lengths: Tensor, max_length: int) -> Tensor:
