@@ -145,8 +145,8 @@ class LitClassifier(L.LightningModule):
                 {"params": no_decay, "weight_decay": 0.0},
             ],
             lr=self.hparams.lr,
-            # One fused kernel per step instead of a dozen foreach passes: measured about 3x
-            # faster on CPU, where the step over the embedding table is a visible share of a batch.
+            # One fused kernel per step instead of a dozen foreach passes: the optimiser step
+            # alone measured about 3x faster on CPU, where it covers the whole embedding table.
             fused=self._fused_optimizer_supported(),
         )
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
