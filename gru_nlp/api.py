@@ -269,6 +269,10 @@ class TextClassifier:
           embedding) to the text's, with 32 midpoint steps; the attributions then sum to
           about logit(text) − logit(zero input).
 
+        A model with an n-gram bag (``ngram_buckets``) scores the text through that linear
+        branch too; the gradient methods add each token's exact share of it (see
+        ``NgramBag.token_scores``), while "attention" shows the GRU side only.
+
         Args:
             text: one text.
             method: "attention", "integrated_gradients" or "grad_x_input". With mean or max
@@ -390,7 +394,13 @@ class TextClassifier:
             ).logits  # (S, K)
             (gradients,) = torch.autograd.grad(logits[:, target].sum(), path)  # (S, T, E)
         # Zero embedding is the baseline, so (x - baseline) is x itself.
-        return (gradients.mean(dim=0) * embedded[0]).sum(dim=-1).float().cpu().numpy()  # (T,)
+        scores = (gradients.mean(dim=0) * embedded[0]).sum(dim=-1)  # (T,)
+        if self.model.ngrams is not None:
+            # The n-gram bag never sees the embeddings; its logit splits exactly over the tokens.
+            with torch.no_grad():
+                mask = torch.ones_like(input_ids, dtype=torch.bool)  # (1, T): one text, no padding
+                scores = scores + self.model.ngrams.token_scores(input_ids, mask, target)[0]  # (T,)
+        return scores.float().cpu().numpy()  # (T,)
 
     def _token_spans(self, text: str, ids: list[int]) -> list[tuple[int | None, int | None]]:
         """Each kept token's (start, end) in ``text``; (None, None) for tokens from no characters.

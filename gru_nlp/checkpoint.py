@@ -39,7 +39,8 @@ MODEL_ARGUMENTS = (
     "pooling",
     "pad_id",
 )
-TRAINING_ONLY_ARGUMENTS = ("recurrent_dropout",)
+# Added later, with defaults that reproduce older models: older checkpoints lack them.
+OPTIONAL_ARGUMENTS = ("recurrent_dropout", "ngram_buckets")
 
 
 class CheckpointError(ValueError):
@@ -143,8 +144,7 @@ def build_model(
         )
     try:
         arguments = {name: hparams[name] for name in MODEL_ARGUMENTS}
-        # Added later, and only used in training: older checkpoints lack it.
-        arguments.update({name: hparams[name] for name in TRAINING_ONLY_ARGUMENTS if name in hparams})
+        arguments.update({name: hparams[name] for name in OPTIONAL_ARGUMENTS if name in hparams})
         model = BiGRUClassifier(**arguments)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: hyper_parameters do not describe a valid model ({error})") from None

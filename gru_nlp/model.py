@@ -5,6 +5,7 @@ H hidden size per direction, D directions (1 or 2), K classes.
 
     input_ids (B, T) -> embedding (B, T, E) -> PaddingSafeGRU (B, T, D*H)
       -> pooling over the real tokens (B, P) -> dropout -> linear (B, K)
+      [+ NgramBag(input_ids) (B, K), when ngram_buckets > 0]
 
 P is D*H, or 2*D*H for "attention_max" pooling (attention and max pooling side by side).
 """
@@ -15,6 +16,7 @@ from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from gru_nlp.gru import PaddingSafeGRU
 
@@ -79,6 +81,58 @@ def _masked_max(states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return states.masked_fill(~mask[..., None], torch.finfo(states.dtype).min).max(dim=1)
 
 
+class NgramBag(nn.Module):
+    """A linear bag of n-grams (fastText-style) whose class scores are added to the GRU's logits.
+
+    Each unigram and hashed bigram has one learned weight per class, and a text's scores
+    are the mean over its n-grams, like a logistic regression on n-gram frequencies.
+    Bigrams hash into `buckets` shared slots, so memory stays fixed whatever the
+    vocabulary. The weights start at zero: the branch adds nothing until trained.
+
+    Args:
+        vocab_size: V; unigram ids are the token ids themselves.
+        buckets: hashed bigram slots, after the V unigram slots.
+        num_classes: K.
+        pad_id: the padding token id; it never counts as an n-gram.
+    """
+
+    # A prime multiplier spreads (first, second) token pairs over the buckets.
+    HASH_PRIME = 1_000_003
+
+    def __init__(self, vocab_size: int, buckets: int, num_classes: int, pad_id: int = 0) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.buckets = buckets
+        self.pad_id = pad_id
+        self.weight = nn.Embedding(vocab_size + buckets, num_classes, padding_idx=pad_id)
+        nn.init.zeros_(self.weight.weight)
+
+    def ngram_ids(self, input_ids: Tensor, mask: Tensor) -> Tensor:
+        """(B, T) ids, (B, T) mask -> (B, 2T-1) unigram then bigram ids, pad_id where there is none."""
+        bigrams = self.vocab_size + (input_ids[:, :-1] * self.HASH_PRIME + input_ids[:, 1:]) % self.buckets  # (B, T-1)
+        real = torch.cat([mask, mask[:, 1:]], dim=1)  # (B, 2T-1); a bigram is real where its second token is
+        return torch.cat([input_ids, bigrams], dim=1).masked_fill(~real, self.pad_id)  # (B, 2T-1)
+
+    def forward(self, input_ids: Tensor, mask: Tensor) -> Tensor:
+        """(B, T) ids, (B, T) mask -> (B, K) class scores: the mean weight of the text's n-grams."""
+        ngrams = self.ngram_ids(input_ids, mask)  # (B, N)
+        counts = (ngrams != self.pad_id).sum(dim=1, keepdim=True)  # (B, 1), >= 1
+        return self.weight(ngrams).sum(dim=1) / counts  # (B, K); pad_id's row is zero
+
+    def token_scores(self, input_ids: Tensor, mask: Tensor, target: int) -> Tensor:
+        """(B, T) -> (B, T): each token's exact share of the `target` class score.
+
+        A unigram's term goes to its token and a bigram's is split evenly between its
+        two tokens, so the shares sum to `forward(...)[:, target]`.
+        """
+        ngrams = self.ngram_ids(input_ids, mask)  # (B, 2T-1)
+        counts = (ngrams != self.pad_id).sum(dim=1, keepdim=True)  # (B, 1)
+        terms = self.weight(ngrams)[..., target] / counts  # (B, 2T-1)
+        length = input_ids.size(1)
+        unigram_terms, bigram_terms = terms[:, :length], terms[:, length:]  # (B, T), (B, T-1)
+        return unigram_terms + 0.5 * (F.pad(bigram_terms, (1, 0)) + F.pad(bigram_terms, (0, 1)))  # (B, T)
+
+
 class ClassifierOutput(NamedTuple):
     logits: Tensor  # (B, K)
     attention: Tensor  # (B, T), sums to 1 over the real tokens
@@ -103,6 +157,9 @@ class BiGRUClassifier(nn.Module):
             sees both a weighted summary and the strongest evidence per feature; its
             explanation weights are the attention's.
         pad_id: the padding token id; its embedding stays zero.
+        ngram_buckets: if > 0, add a linear bag of unigrams and this many hashed bigram
+            slots (`NgramBag`) to the logits: a wide-and-deep model whose n-gram side
+            picks up local phrases the recurrent side is slow to learn. 0 turns it off.
     """
 
     def __init__(
@@ -118,10 +175,13 @@ class BiGRUClassifier(nn.Module):
         pooling: Pooling = "attention",
         pad_id: int = 0,
         recurrent_dropout: float = 0.0,
+        ngram_buckets: int = 0,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+        if ngram_buckets < 0:
+            raise ValueError(f"ngram_buckets must be >= 0 (0 turns the n-gram bag off); got {ngram_buckets}")
         self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=pad_id)
         self.embedding_dropout = embedding_dropout
         self.gru = PaddingSafeGRU(embedding_dim, hidden_size, num_layers, bidirectional, dropout, recurrent_dropout)
@@ -131,6 +191,7 @@ class BiGRUClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         pooled_dim = output_dim * (2 if pooling == "attention_max" else 1)
         self.classifier = nn.Linear(pooled_dim, num_classes)
+        self.ngrams = NgramBag(vocab_size, ngram_buckets, num_classes, pad_id) if ngram_buckets else None
 
     def forward(self, input_ids: Tensor, lengths: Tensor) -> ClassifierOutput:
         """Classify a right-padded batch.
@@ -150,6 +211,8 @@ class BiGRUClassifier(nn.Module):
         states = self.gru(embedded, lengths)  # (B, T, D*H)
         pooled, weights = self.pool(states, mask)  # (B, P), (B, T)
         logits = self.classifier(self.dropout(pooled))  # (B, K)
+        if self.ngrams is not None:
+            logits = logits + self.ngrams(input_ids, mask)  # (B, K)
         return ClassifierOutput(logits, weights)
 
     def pool(self, states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

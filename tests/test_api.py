@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from gru_nlp.api import Int8GRU, Prediction, TextClassifier
 from gru_nlp.checkpoint import build_model, load_checkpoint
+from gru_nlp.model import NgramBag
 from gru_nlp.tokenizer import encode
 
 TEXTS = [
@@ -117,6 +118,29 @@ def test_integrated_gradients_complete(classifier):
         full = model(input_ids, lengths).logits[0, target]
         baseline = model(torch.zeros_like(input_ids), lengths).logits[0, target]  # pad embedding is zero
     assert explanation.token_weights.sum() == pytest.approx(float(full - baseline), abs=0.05)
+
+
+def test_gradient_explanations_include_the_ngram_bag_exactly(tiny_checkpoint):
+    """With an n-gram bag, IG sums to the GRU side's logit change plus the bag's whole score."""
+    classifier = TextClassifier.from_checkpoint(tiny_checkpoint, device="cpu")
+    model = classifier.model
+    torch.manual_seed(0)
+    bag = NgramBag(model.embedding.num_embeddings, buckets=5, num_classes=3, pad_id=classifier._pad_id)
+    with torch.no_grad():
+        bag.weight.weight[1:].normal_(std=3.0)
+    model.ngrams = bag
+    text = "lovely acting, awful plot"
+    explanation = classifier.explain(text, method="integrated_gradients")
+    (ids,) = classifier._encode([text])
+    input_ids, lengths = torch.tensor([ids]), torch.tensor([len(ids)])
+    target = classifier.labels.index(explanation.prediction.label)
+    with torch.no_grad():
+        bag_score = bag(input_ids, torch.ones_like(input_ids, dtype=torch.bool))[0, target]
+        model.ngrams = None
+        full = model(input_ids, lengths).logits[0, target]
+        baseline = model(torch.zeros_like(input_ids), lengths).logits[0, target]
+    assert abs(float(bag_score)) > 0.5  # the bag's share is large enough to be missed
+    assert explanation.token_weights.sum() == pytest.approx(float(full - baseline + bag_score), abs=0.05)
 
 
 def test_explain_edge_cases_and_gates(classifier):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gru_nlp.model import BiGRUClassifier, lengths_to_mask
+from gru_nlp.model import BiGRUClassifier, NgramBag, lengths_to_mask
 
 # Odd, all-different sizes so a swapped dimension cannot pass by accident.
 B, T, V, E, H, K = 3, 7, 50, 8, 6, 5
@@ -98,3 +98,46 @@ def test_embedding_dropout_drops_whole_tokens_only_in_training():
     model.train()
     torch.manual_seed(3)
     assert not torch.allclose(model(input_ids, lengths).logits, first)
+
+
+def test_ngram_bag_scores_are_the_mean_weight_of_unigrams_and_hashed_bigrams():
+    bag = NgramBag(vocab_size=10, buckets=7, num_classes=2)
+    input_ids = torch.tensor([[3, 4, 3, 0], [5, 0, 0, 0]])
+    mask = lengths_to_mask(torch.tensor([3, 1]), 4)
+    bigram_34 = 10 + (3 * NgramBag.HASH_PRIME + 4) % 7
+    bigram_43 = 10 + (4 * NgramBag.HASH_PRIME + 3) % 7
+    assert bag.ngram_ids(input_ids, mask).tolist() == [[3, 4, 3, 0, bigram_34, bigram_43, 0], [5, 0, 0, 0, 0, 0, 0]]
+    with torch.no_grad():
+        bag.weight.weight.copy_(torch.arange(34.0).view(17, 2))
+        bag.weight.weight[0] = 0  # padding_idx: the row that stays zero in training
+    expected_first = (2 * bag.weight.weight[3] + bag.weight.weight[4] + bag.weight.weight[bigram_34] + bag.weight.weight[bigram_43]) / 5
+    torch.testing.assert_close(bag(input_ids, mask), torch.stack([expected_first, bag.weight.weight[5]]))
+
+
+def test_ngram_bag_starts_silent_and_keeps_padding_invariance():
+    plain, wide = make_model(), make_model(ngram_buckets=11)
+    input_ids, lengths = padded_batch()
+    torch.testing.assert_close(wide(input_ids, lengths).logits, plain(input_ids, lengths).logits, rtol=0, atol=0)
+    with torch.no_grad():
+        wide.ngrams.weight.weight.normal_()
+        wide.ngrams.weight.weight[0] = 0  # padding_idx: the row that stays zero in training
+    noisy = input_ids.clone()
+    noisy[~lengths_to_mask(lengths, T)] = 7
+    torch.testing.assert_close(wide(input_ids, lengths).logits, wide(noisy, lengths).logits, atol=1e-6, rtol=0)
+    assert not torch.allclose(wide(input_ids, lengths).logits, plain(input_ids, lengths).logits)
+
+
+def test_rejects_negative_ngram_buckets():
+    with pytest.raises(ValueError, match="ngram_buckets"):
+        make_model(ngram_buckets=-1)
+
+
+def test_ngram_token_scores_split_the_class_score_exactly():
+    bag = NgramBag(vocab_size=V, buckets=13, num_classes=K)
+    with torch.no_grad():
+        bag.weight.weight[1:].normal_()
+    input_ids, lengths = padded_batch()
+    mask = lengths_to_mask(lengths, T)
+    shares = bag.token_scores(input_ids, mask, target=2)  # (B, T)
+    torch.testing.assert_close(shares.sum(dim=1), bag(input_ids, mask)[:, 2])
+    assert torch.all(shares[~mask] == 0)
