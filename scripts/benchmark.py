@@ -1,11 +1,13 @@
 """Training speed, peak memory and inference speed: the shipped pipeline against a naive baseline.
 
-Both sides train the same model sizes on the same IMDB reviews, cut to the same
-`--max-length` tokens by the same tokenizer, so they see the same real tokens:
+Both sides train the same model sizes (those of `--config`'s `model:` section) on the
+same IMDB reviews, cut to the same `--max-length` tokens by the same tokenizer, so they
+see the same real tokens:
 
 - baseline: plain PyTorch, `nn.GRU` + attention, every review padded or cut to
   `--max-length`, fp32, batches of random reviews, a hand-written training loop;
-- shipped: `LitClassifier` trained by a Lightning `Trainer` on length-bucketed
+- shipped: `LitClassifier`, with every `model:` setting of `--config` (dropouts,
+  pooling, n-gram bag), trained by a Lightning `Trainer` on length-bucketed
   batches (`BucketBatchSampler` + `collate`), the padding-safe GRU, for each
   `--shipped` variant: one process, or (`-ddp`) two single-threaded DDP processes
   sharing each batch of the same global size, as `configs/cpu_ddp.yaml` trains.
@@ -30,15 +32,22 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
-SIZES = dict(embedding_dim=128, hidden_size=128, num_layers=2)
+SIZE_SETTINGS = ("embedding_dim", "hidden_size", "num_layers")
+
+
+def model_settings(config: str) -> dict:
+    """The `model:` section of a gru-nlp config file."""
+    with open(config) as file:
+        return yaml.safe_load(file).get("model") or {}
 
 
 class NaiveBiGRU(nn.Module):
     """The baseline: what a first BiGRU + attention classifier usually looks like."""
 
-    def __init__(self, vocab_size: int, embedding_dim: int, hidden_size: int, num_layers: int, num_classes: int = 2):
+    def __init__(self, vocab_size: int, embedding_dim: int = 128, hidden_size: int = 128, num_layers: int = 2, num_classes: int = 2):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
         self.gru = nn.GRU(embedding_dim, hidden_size, num_layers, batch_first=True, bidirectional=True, dropout=0.3)
@@ -85,7 +94,8 @@ def padded(sequences: list[list[int]], width: int) -> torch.Tensor:
 
 def run_baseline(args: argparse.Namespace, encoded: dict) -> dict:
     torch.manual_seed(0)
-    model = NaiveBiGRU(encoded["vocab_size"], **SIZES)
+    settings = model_settings(args.config)
+    model = NaiveBiGRU(encoded["vocab_size"], **{name: settings[name] for name in SIZE_SETTINGS if name in settings})
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     inputs = padded(encoded["train_ids"], args.max_length)  # (N, T)
     labels = torch.tensor(encoded["train_labels"])
@@ -156,7 +166,7 @@ def run_shipped(args: argparse.Namespace, encoded: dict, variant: str) -> dict |
             sampler = BucketBatchSampler(lengths, args.batch_size // processes, shuffle=True)
             return DataLoader(examples, batch_sampler=sampler, collate_fn=collate)
 
-    model = LitClassifier(encoded["vocab_size"], 2, **SIZES)
+    model = LitClassifier(encoded["vocab_size"], 2, **model_settings(args.config))
     throughput = Throughput()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -199,6 +209,7 @@ def run_shipped(args: argparse.Namespace, encoded: dict, variant: str) -> dict |
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/imdb", help="folder with IMDB train.parquet and test.parquet")
+    parser.add_argument("--config", default="configs/imdb.yaml", help="the shipped model settings; the baseline takes its sizes")
     parser.add_argument("--reviews", type=int, default=4000, help="training reviews sampled (seeded)")
     parser.add_argument("--inference-reviews", type=int, default=1000)
     parser.add_argument("--max-length", type=int, default=256)
