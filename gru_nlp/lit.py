@@ -39,6 +39,10 @@ class LitClassifier(L.LightningModule):
             logits (see `NgramBag`); 0 turns it off.
         ngram_lr: peak learning rate of the n-gram weights. A linear model over mean-pooled
             sparse features needs steps about 100x larger than the GRU's to learn in a few epochs.
+        branch_loss: with the n-gram bag, add this weight times the loss of each side alone
+            (the GRU's logits, the bag's) in training, so that neither side leans on the
+            other: alone, the joint loss lets the bag fit the training set in an epoch and
+            leaves the GRU little to learn from. 0 trains on the joint loss only.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay (not applied to biases or the embedding).
         warmup: fraction of all optimiser steps spent warming the learning rate up linearly.
@@ -63,6 +67,7 @@ class LitClassifier(L.LightningModule):
         pooling: Pooling = "attention",
         ngram_buckets: int = 0,
         ngram_lr: float = 0.2,
+        branch_loss: float = 0.0,
         lr: float = 2e-3,
         weight_decay: float = 0.01,
         warmup: float = 0.05,
@@ -110,9 +115,14 @@ class LitClassifier(L.LightningModule):
         return self.model(input_ids, lengths).logits
 
     def _shared_step(self, batch: dict[str, Tensor], metrics: MetricCollection) -> Tensor:
-        logits = self(batch["input_ids"], batch["lengths"])  # (B, K)
-        loss = self.loss_fn(logits.float(), batch["labels"])
-        metrics.update(logits.detach(), batch["labels"])
+        output = self.model(batch["input_ids"], batch["lengths"])
+        labels = batch["labels"]
+        loss = self.loss_fn(output.logits.float(), labels)
+        if self.training and self.hparams.branch_loss and output.ngram_logits is not None:
+            gru_logits = output.logits - output.ngram_logits  # (B, K)
+            branch_losses = self.loss_fn(gru_logits.float(), labels) + self.loss_fn(output.ngram_logits.float(), labels)
+            loss = loss + self.hparams.branch_loss * branch_losses
+        metrics.update(output.logits.detach(), labels)
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

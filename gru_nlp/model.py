@@ -136,6 +136,7 @@ class NgramBag(nn.Module):
 class ClassifierOutput(NamedTuple):
     logits: Tensor  # (B, K)
     attention: Tensor  # (B, T), sums to 1 over the real tokens
+    ngram_logits: Tensor | None = None  # (B, K): the n-gram bag's share of logits, if the model has one
 
 
 class BiGRUClassifier(nn.Module):
@@ -211,9 +212,10 @@ class BiGRUClassifier(nn.Module):
         states = self.gru(embedded, lengths)  # (B, T, D*H)
         pooled, weights = self.pool(states, mask)  # (B, P), (B, T)
         logits = self.classifier(self.dropout(pooled))  # (B, K)
-        if self.ngrams is not None:
-            logits = logits + self.ngrams(input_ids, mask)  # (B, K)
-        return ClassifierOutput(logits, weights)
+        if self.ngrams is None:
+            return ClassifierOutput(logits, weights)
+        ngram_logits = self.ngrams(input_ids, mask)  # (B, K)
+        return ClassifierOutput(logits + ngram_logits, weights, ngram_logits)
 
     def pool(self, states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """(B, T, D*H) states, (B, T) mask -> (B, P) pooled vector and (B, T) token weights."""

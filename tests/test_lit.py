@@ -78,3 +78,22 @@ def test_bf16_mixed_trains_on_cpu(tiny_data, tmp_path):
     assert trainer.global_step > 0
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert all(parameter.dtype == torch.float32 for parameter in model.parameters())  # mixed: weights stay fp32
+
+
+def test_branch_loss_adds_each_sides_own_loss_in_training_only():
+    torch.manual_seed(0)
+    lit = LitClassifier(
+        vocab_size=40, num_classes=3, embedding_dim=8, hidden_size=6, num_layers=1,
+        dropout=0.0, embedding_dropout=0.0, ngram_buckets=17, branch_loss=0.5,
+    )  # no dropout: training and evaluation compute the same logits
+    with torch.no_grad():
+        lit.model.ngrams.weight.weight[1:].normal_()
+    batch = {"input_ids": torch.randint(1, 40, (4, 6)), "lengths": torch.tensor([6, 5, 3, 1]), "labels": torch.tensor([0, 1, 2, 1])}
+    lit.eval()
+    output = lit.model(batch["input_ids"], batch["lengths"])
+    cross_entropy = torch.nn.functional.cross_entropy
+    joint = cross_entropy(output.logits, batch["labels"])
+    sides = cross_entropy(output.logits - output.ngram_logits, batch["labels"]) + cross_entropy(output.ngram_logits, batch["labels"])
+    torch.testing.assert_close(lit._shared_step(batch, lit.val_metrics), joint)
+    lit.train()
+    torch.testing.assert_close(lit._shared_step(batch, lit.train_metrics), joint + 0.5 * sides)
