@@ -1,0 +1,51 @@
+"""Test accuracy of a wide-and-deep checkpoint's two sides alone and together.
+
+A model trained with an n-gram bag (`ngram_buckets`) adds the bag's class scores to the
+GRU's. This scores, in one pass over the test texts, the sum (the model as served), the
+GRU side alone (logits minus the bag's share) and the bag alone, so a reader can see what
+each side contributes:
+
+    python scripts/score_branches.py --ckpt best.ckpt --data ../shared/data/imdb
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from gru_nlp.api import TextClassifier
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt", type=Path, required=True)
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/imdb"), help="folder with test.parquet")
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args()
+
+    classifier = TextClassifier.from_checkpoint(args.ckpt, device="cpu")
+    if classifier.model.ngrams is None:
+        parser.error(f"{args.ckpt} has no n-gram bag (ngram_buckets was 0): there is only one side to score")
+    table = pq.read_table(args.data / "test.parquet", columns=["text", "label"])
+    texts, labels = table.column("text").to_pylist(), torch.tensor(table.column("label").to_pylist())
+
+    correct = {"both (as served)": 0, "GRU side alone": 0, "n-gram bag alone": 0}
+    ids = classifier._encode(texts)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # batches of similar length pad little
+    for first in range(0, len(order), args.batch_size):
+        rows = order[first : first + args.batch_size]
+        input_ids, lengths = classifier._pad([ids[i] for i in rows])
+        with torch.inference_mode():
+            output = classifier.model(input_ids, lengths)
+        gold = labels[rows]
+        for name, logits in zip(correct, (output.logits, output.logits - output.ngram_logits, output.ngram_logits)):
+            correct[name] += int((logits.argmax(dim=-1) == gold).sum())
+    print(json.dumps({"texts": len(ids), **{name: round(hits / len(ids), 4) for name, hits in correct.items()}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
