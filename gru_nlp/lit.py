@@ -39,7 +39,6 @@ class LitClassifier(L.LightningModule):
             logits (see `NgramBag`); 0 turns it off.
         ngram_lr: peak learning rate of the n-gram weights. A linear model over mean-pooled
             sparse features needs steps about 100x larger than the GRU's to learn in a few epochs.
-        ngram_dropout: in training, the share of n-grams the bag leaves out of each text.
         branch_loss: with the n-gram bag, add this weight times the loss of each side alone
             (the GRU's logits, the bag's) in training, so that neither side leans on the
             other: alone, the joint loss lets the bag fit the training set in an epoch and
@@ -68,7 +67,6 @@ class LitClassifier(L.LightningModule):
         pooling: Pooling = "attention",
         ngram_buckets: int = 0,
         ngram_lr: float = 0.2,
-        ngram_dropout: float = 0.0,
         branch_loss: float = 0.0,
         lr: float = 2e-3,
         weight_decay: float = 0.01,
@@ -97,7 +95,6 @@ class LitClassifier(L.LightningModule):
             pooling=pooling,
             pad_id=pad_id,
             ngram_buckets=ngram_buckets,
-            ngram_dropout=ngram_dropout,
         )
         weight = torch.tensor(class_weights, dtype=torch.float) if class_weights else None
         self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)

@@ -94,19 +94,16 @@ class NgramBag(nn.Module):
         buckets: hashed bigram slots, after the V unigram slots.
         num_classes: K.
         pad_id: the padding token id; it never counts as an n-gram.
-        dropout: in training, the probability of leaving each n-gram out of the mean,
-            so that the bag cannot rest on a few memorised phrases.
     """
 
     # A prime multiplier spreads (first, second) token pairs over the buckets.
     HASH_PRIME = 1_000_003
 
-    def __init__(self, vocab_size: int, buckets: int, num_classes: int, pad_id: int = 0, dropout: float = 0.0) -> None:
+    def __init__(self, vocab_size: int, buckets: int, num_classes: int, pad_id: int = 0) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.buckets = buckets
         self.pad_id = pad_id
-        self.dropout = dropout
         self.weight = nn.Embedding(vocab_size + buckets, num_classes, padding_idx=pad_id)
         nn.init.zeros_(self.weight.weight)
 
@@ -119,10 +116,7 @@ class NgramBag(nn.Module):
     def forward(self, input_ids: Tensor, mask: Tensor) -> Tensor:
         """(B, T) ids, (B, T) mask -> (B, K) class scores: the mean weight of the text's n-grams."""
         ngrams = self.ngram_ids(input_ids, mask)  # (B, N)
-        if self.training and self.dropout > 0:
-            dropped = torch.rand(ngrams.shape, device=ngrams.device) < self.dropout  # (B, N)
-            ngrams = ngrams.masked_fill(dropped, self.pad_id)
-        counts = (ngrams != self.pad_id).sum(dim=1, keepdim=True).clamp(min=1)  # (B, 1)
+        counts = (ngrams != self.pad_id).sum(dim=1, keepdim=True)  # (B, 1), >= 1
         return self.weight(ngrams).sum(dim=1) / counts  # (B, K); pad_id's row is zero
 
     def token_scores(self, input_ids: Tensor, mask: Tensor, target: int) -> Tensor:
@@ -167,7 +161,6 @@ class BiGRUClassifier(nn.Module):
         ngram_buckets: if > 0, add a linear bag of unigrams and this many hashed bigram
             slots (`NgramBag`) to the logits: a wide-and-deep model whose n-gram side
             picks up local phrases the recurrent side is slow to learn. 0 turns it off.
-        ngram_dropout: in training, the share of n-grams the bag leaves out of each text.
     """
 
     def __init__(
@@ -184,7 +177,6 @@ class BiGRUClassifier(nn.Module):
         pad_id: int = 0,
         recurrent_dropout: float = 0.0,
         ngram_buckets: int = 0,
-        ngram_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -200,7 +192,7 @@ class BiGRUClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         pooled_dim = output_dim * (2 if pooling == "attention_max" else 1)
         self.classifier = nn.Linear(pooled_dim, num_classes)
-        self.ngrams = NgramBag(vocab_size, ngram_buckets, num_classes, pad_id, ngram_dropout) if ngram_buckets else None
+        self.ngrams = NgramBag(vocab_size, ngram_buckets, num_classes, pad_id) if ngram_buckets else None
 
     def forward(self, input_ids: Tensor, lengths: Tensor) -> ClassifierOutput:
         """Classify a right-padded batch.

@@ -141,19 +141,3 @@ def test_ngram_token_scores_split_the_class_score_exactly():
     shares = bag.token_scores(input_ids, mask, target=2)  # (B, T)
     torch.testing.assert_close(shares.sum(dim=1), bag(input_ids, mask)[:, 2])
     assert torch.all(shares[~mask] == 0)
-
-
-def test_ngram_dropout_leaves_ngrams_out_only_in_training():
-    bag = NgramBag(vocab_size=V, buckets=13, num_classes=K, dropout=0.5)
-    with torch.no_grad():
-        bag.weight.weight[1:].normal_()
-    input_ids, lengths = padded_batch()
-    mask = lengths_to_mask(lengths, T)
-    bag.eval()
-    evaluated = bag(input_ids, mask)
-    bag.train()
-    torch.manual_seed(0)
-    trained = bag(input_ids, mask)
-    assert not torch.allclose(trained, evaluated)
-    bag.dropout = 0.0
-    torch.testing.assert_close(bag(input_ids, mask), evaluated)
