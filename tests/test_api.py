@@ -127,7 +127,7 @@ def test_gradient_explanations_include_the_ngram_bag_exactly(tiny_checkpoint):
     torch.manual_seed(0)
     bag = NgramBag(model.embedding.num_embeddings, buckets=5, num_classes=3, pad_id=classifier._pad_id)
     with torch.no_grad():
-        bag.weight.weight[1:].normal_(std=3.0)
+        bag.weight.weight[1:].normal_(mean=3.0)  # every class's score near 3, whichever the tokenizer's ids
     model.ngrams = bag
     text = "lovely acting, awful plot"
     explanation = classifier.explain(text, method="integrated_gradients")
