@@ -107,6 +107,12 @@ class NgramBag(nn.Module):
         self.weight = nn.Embedding(vocab_size + buckets, num_classes, padding_idx=pad_id)
         nn.init.zeros_(self.weight.weight)
 
+    def _terms(self, input_ids: Tensor, mask: Tensor) -> Tensor:
+        """(B, T) ids, (B, T) mask -> (B, 2T-1, K): each n-gram's weight over the text's n-gram count."""
+        ngrams = self.ngram_ids(input_ids, mask)  # (B, 2T-1)
+        counts = (ngrams != self.pad_id).sum(dim=1, keepdim=True)  # (B, 1), >= 1
+        return self.weight(ngrams) / counts[..., None]  # (B, 2T-1, K); pad_id's row is zero
+
     def ngram_ids(self, input_ids: Tensor, mask: Tensor) -> Tensor:
         """(B, T) ids, (B, T) mask -> (B, 2T-1) unigram then bigram ids, pad_id where there is none."""
         bigrams = self.vocab_size + (input_ids[:, :-1] * self.HASH_PRIME + input_ids[:, 1:]) % self.buckets  # (B, T-1)
@@ -115,9 +121,7 @@ class NgramBag(nn.Module):
 
     def forward(self, input_ids: Tensor, mask: Tensor) -> Tensor:
         """(B, T) ids, (B, T) mask -> (B, K) class scores: the mean weight of the text's n-grams."""
-        ngrams = self.ngram_ids(input_ids, mask)  # (B, N)
-        counts = (ngrams != self.pad_id).sum(dim=1, keepdim=True)  # (B, 1), >= 1
-        return self.weight(ngrams).sum(dim=1) / counts  # (B, K); pad_id's row is zero
+        return self._terms(input_ids, mask).sum(dim=1)  # (B, K)
 
     def token_scores(self, input_ids: Tensor, mask: Tensor, target: int) -> Tensor:
         """(B, T) -> (B, T): each token's exact share of the `target` class score.
@@ -125,9 +129,7 @@ class NgramBag(nn.Module):
         A unigram's term goes to its token and a bigram's is split evenly between its
         two tokens, so the shares sum to `forward(...)[:, target]`.
         """
-        ngrams = self.ngram_ids(input_ids, mask)  # (B, 2T-1)
-        counts = (ngrams != self.pad_id).sum(dim=1, keepdim=True)  # (B, 1)
-        terms = self.weight(ngrams)[..., target] / counts  # (B, 2T-1)
+        terms = self._terms(input_ids, mask)[..., target]  # (B, 2T-1)
         length = input_ids.size(1)
         unigram_terms, bigram_terms = terms[:, :length], terms[:, length:]  # (B, T), (B, T-1)
         return unigram_terms + 0.5 * (F.pad(bigram_terms, (1, 0)) + F.pad(bigram_terms, (0, 1)))  # (B, T)
