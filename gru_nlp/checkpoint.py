@@ -40,7 +40,7 @@ MODEL_ARGUMENTS = (
     "pad_id",
 )
 # Added later, with defaults that reproduce older models: older checkpoints lack them.
-OPTIONAL_ARGUMENTS = ("recurrent_dropout", "ngram_buckets")
+OPTIONAL_ARGUMENTS = ("recurrent_dropout", "ngram_buckets", "ngram_order", "ngram_features")
 
 
 class CheckpointError(ValueError):

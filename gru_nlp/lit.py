@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from gru_nlp.model import BiGRUClassifier, Pooling
+from gru_nlp.model import BiGRUClassifier, NgramFeatures, Pooling
 from gru_nlp.tokenizer import save_tokenizer
 
 # Everything inference needs besides the weights lives under this key of the checkpoint.
@@ -35,10 +35,14 @@ class LitClassifier(L.LightningModule):
         embedding_dropout: word dropout on the embeddings.
         recurrent_dropout: DropConnect on the GRU's hidden-to-hidden weights.
         pooling: "attention", "mean", "max" or "attention_max" (both concatenated).
-        ngram_buckets: if > 0, add a linear bag of unigrams and hashed bigrams to the
-            logits (see `NgramBag`); 0 turns it off.
-        ngram_lr: peak learning rate of the n-gram weights. A linear model over mean-pooled
-            sparse features needs steps about 100x larger than the GRU's to learn in a few epochs.
+        ngram_buckets: if > 0, add a linear bag of unigrams and hashed longer n-grams to
+            the logits (see `NgramBag`); 0 turns it off.
+        ngram_order: the bag's longest n-gram.
+        ngram_features: "mean" (frequencies) or "naive_bayes" (distinct n-grams scaled by
+            their log-count ratios, counted on the training set when training starts).
+        ngram_lr: peak learning rate of the n-gram weights. "mean" features, averaged over
+            hundreds of n-grams, need steps about 100x larger than the GRU's to learn in a
+            few epochs; summed "naive_bayes" features need about the GRU's.
         branch_loss: with the n-gram bag, add this weight times the loss of each side alone
             (the GRU's logits, the bag's) in training, so that neither side leans on the
             other: alone, the joint loss lets the bag fit the training set in an epoch and
@@ -66,6 +70,8 @@ class LitClassifier(L.LightningModule):
         recurrent_dropout: float = 0.0,
         pooling: Pooling = "attention",
         ngram_buckets: int = 0,
+        ngram_order: int = 2,
+        ngram_features: NgramFeatures = "mean",
         ngram_lr: float = 0.2,
         branch_loss: float = 0.0,
         lr: float = 2e-3,
@@ -95,6 +101,8 @@ class LitClassifier(L.LightningModule):
             pooling=pooling,
             pad_id=pad_id,
             ngram_buckets=ngram_buckets,
+            ngram_order=ngram_order,
+            ngram_features=ngram_features,
         )
         weight = torch.tensor(class_weights, dtype=torch.float) if class_weights else None
         self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
@@ -197,6 +205,15 @@ class LitClassifier(L.LightningModule):
             if self.trainer.is_global_zero and log_dir:
                 # The run folder carries its tokenizer too, for tools that read it without a checkpoint.
                 save_tokenizer(datamodule.tokenizer, f"{log_dir}/tokenizer.json")
+
+    def on_train_start(self) -> None:
+        ngrams = self.model.ngrams
+        if ngrams is None or not ngrams.needs_counts:  # no bag, or its ratios came from a checkpoint
+            return
+        # Every process counts its own share of the training texts; the sum covers them all once.
+        batches = ((batch["input_ids"], batch["lengths"], batch["labels"]) for batch in self.trainer.train_dataloader)
+        counts = self.trainer.strategy.reduce(ngrams.count_texts(batches), reduce_op="sum")
+        ngrams.set_log_count_ratios(counts)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {

@@ -12,6 +12,7 @@ P is D*H, or 2*D*H for "attention_max" pooling (attention and max pooling side b
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal, NamedTuple, get_args
 
 import torch
@@ -22,6 +23,8 @@ from gru_nlp.gru import PaddingSafeGRU
 
 Pooling = Literal["attention", "mean", "max", "attention_max"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
+NgramFeatures = Literal["mean", "naive_bayes"]
+NGRAM_FEATURES: tuple[str, ...] = get_args(NgramFeatures)
 
 
 def lengths_to_mask(lengths: Tensor, max_length: int) -> Tensor:
@@ -82,57 +85,156 @@ def _masked_max(states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class NgramBag(nn.Module):
-    """A linear bag of n-grams (fastText-style) whose class scores are added to the GRU's logits.
+    """A linear bag of n-grams whose class scores are added to the GRU's logits.
 
-    Each unigram and hashed bigram has one learned weight per class, and a text's scores
-    are the mean over its n-grams, like a logistic regression on n-gram frequencies.
-    Bigrams hash into `buckets` shared slots, so memory stays fixed whatever the
-    vocabulary. The weights start at zero: the branch adds nothing until trained.
+    Each unigram and hashed n-gram (bigram, trigram, ... up to `order`) has one learned
+    weight per class. Longer n-grams hash into `buckets` shared slots, so memory stays
+    fixed whatever the vocabulary. The weights start at zero: the bag adds nothing until
+    trained. Two ways to turn a text's n-grams into class scores:
+
+    - "mean" (fastText-style): the mean weight over the text's n-gram occurrences, a
+      logistic regression on n-gram frequencies.
+    - "naive_bayes" (NBSVM, Wang & Manning 2012): each distinct n-gram counts once, scaled
+      per class by its Naive Bayes log-count ratio, and the terms are summed. The ratios are
+      counted on the training set (`count_texts`, then `set_log_count_ratios`) before
+      training, and saved with the model; until then they are zero and so is the bag.
 
     Args:
         vocab_size: V; unigram ids are the token ids themselves.
-        buckets: hashed bigram slots, after the V unigram slots.
+        buckets: hashed slots for the n-grams longer than one token, after the V unigram slots.
         num_classes: K.
         pad_id: the padding token id; it never counts as an n-gram.
+        order: the longest n-gram, >= 1.
+        features: "mean" or "naive_bayes", as above.
     """
 
-    # A prime multiplier spreads (first, second) token pairs over the buckets.
+    # A prime multiplier spreads token sequences over the buckets.
     HASH_PRIME = 1_000_003
 
-    def __init__(self, vocab_size: int, buckets: int, num_classes: int, pad_id: int = 0) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        buckets: int,
+        num_classes: int,
+        pad_id: int = 0,
+        order: int = 2,
+        features: NgramFeatures = "mean",
+    ) -> None:
         super().__init__()
+        if order < 1:
+            raise ValueError(f"the n-gram order must be >= 1; got {order}")
+        if features not in NGRAM_FEATURES:
+            raise ValueError(f"n-gram features must be one of {', '.join(NGRAM_FEATURES)}; got {features!r}")
         self.vocab_size = vocab_size
         self.buckets = buckets
         self.pad_id = pad_id
+        self.order = order
+        self.features = features
         self.weight = nn.Embedding(vocab_size + buckets, num_classes, padding_idx=pad_id)
         nn.init.zeros_(self.weight.weight)
-
-    def _terms(self, input_ids: Tensor, mask: Tensor) -> Tensor:
-        """(B, T) ids, (B, T) mask -> (B, 2T-1, K): each n-gram's weight over the text's n-gram count."""
-        ngrams = self.ngram_ids(input_ids, mask)  # (B, 2T-1)
-        counts = (ngrams != self.pad_id).sum(dim=1, keepdim=True)  # (B, 1), >= 1
-        return self.weight(ngrams) / counts[..., None]  # (B, 2T-1, K); pad_id's row is zero
+        if features == "naive_bayes":
+            self.register_buffer("log_count_ratios", torch.zeros(vocab_size + buckets, num_classes))
 
     def ngram_ids(self, input_ids: Tensor, mask: Tensor) -> Tensor:
-        """(B, T) ids, (B, T) mask -> (B, 2T-1) unigram then bigram ids, pad_id where there is none."""
-        bigrams = self.vocab_size + (input_ids[:, :-1] * self.HASH_PRIME + input_ids[:, 1:]) % self.buckets  # (B, T-1)
-        real = torch.cat([mask, mask[:, 1:]], dim=1)  # (B, 2T-1); a bigram is real where its second token is
-        return torch.cat([input_ids, bigrams], dim=1).masked_fill(~real, self.pad_id)  # (B, 2T-1)
+        """(B, T) ids, (B, T) mask -> (B, N) unigram ids, then bigram ids, ...; pad_id where there is none.
+
+        N = T + (T-1) + ... + (T-order+1). An n-gram is real where its last token is. With
+        "naive_bayes" features a row's repeats are pad_id too: only first occurrences count.
+        """
+        ids, real = [input_ids], [mask]
+        hashes = input_ids  # (B, T-n+1) for the n-grams of the current order n
+        for n in range(2, self.order + 1):
+            hashes = (hashes[:, :-1] * self.HASH_PRIME + input_ids[:, n - 1 :]) % self.buckets  # (B, T-n+1)
+            ids.append(self.vocab_size + hashes)
+            real.append(mask[:, n - 1 :])
+        ngrams = torch.cat(ids, dim=1).masked_fill(~torch.cat(real, dim=1), self.pad_id)  # (B, N)
+        if self.features == "naive_bayes":
+            ngrams = ngrams.masked_fill(_repeats(ngrams), self.pad_id)
+        return ngrams
+
+    def _terms(self, input_ids: Tensor, mask: Tensor) -> Tensor:
+        """(B, T) ids, (B, T) mask -> (B, N, K): each n-gram's term of the class scores."""
+        ngrams = self.ngram_ids(input_ids, mask)  # (B, N)
+        weights = self.weight(ngrams)  # (B, N, K); pad_id's row is zero
+        if self.features == "naive_bayes":
+            return weights * self.log_count_ratios[ngrams]  # (B, N, K)
+        counts = (ngrams != self.pad_id).sum(dim=1, keepdim=True)  # (B, 1), >= 1
+        return weights / counts[..., None]  # (B, N, K)
 
     def forward(self, input_ids: Tensor, mask: Tensor) -> Tensor:
-        """(B, T) ids, (B, T) mask -> (B, K) class scores: the mean weight of the text's n-grams."""
+        """(B, T) ids, (B, T) mask -> (B, K) class scores: the sum of the n-gram terms."""
         return self._terms(input_ids, mask).sum(dim=1)  # (B, K)
 
     def token_scores(self, input_ids: Tensor, mask: Tensor, target: int) -> Tensor:
         """(B, T) -> (B, T): each token's exact share of the `target` class score.
 
-        A unigram's term goes to its token and a bigram's is split evenly between its
-        two tokens, so the shares sum to `forward(...)[:, target]`.
+        An n-gram's term is split evenly between its n tokens, so the shares sum to
+        `forward(...)[:, target]`.
         """
-        terms = self._terms(input_ids, mask)[..., target]  # (B, 2T-1)
+        terms = self._terms(input_ids, mask)[..., target]  # (B, N)
         length = input_ids.size(1)
-        unigram_terms, bigram_terms = terms[:, :length], terms[:, length:]  # (B, T), (B, T-1)
-        return unigram_terms + 0.5 * (F.pad(bigram_terms, (1, 0)) + F.pad(bigram_terms, (0, 1)))  # (B, T)
+        shares = torch.zeros_like(input_ids, dtype=terms.dtype)  # (B, T)
+        start = 0
+        for n in range(1, self.order + 1):
+            count = max(0, length - n + 1)
+            ngram_terms = terms[:, start : start + count] / n  # (B, T-n+1); the n-gram starting at t
+            for offset in range(n):  # ... covers tokens t .. t+n-1
+                shares = shares + F.pad(ngram_terms, (offset, length - count - offset))
+            start += count
+        return shares
+
+    @torch.no_grad()
+    def count_texts(self, batches: Iterable[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+        """Count, per n-gram slot and class, the texts that contain the n-gram.
+
+        Args:
+            batches: (input_ids (B, T), lengths (B,), labels (B,)) of the training texts.
+
+        Returns:
+            (V + buckets, K) counts, to sum over processes and pass to `set_log_count_ratios`.
+        """
+        self._check_naive_bayes("count texts")
+        counts = torch.zeros_like(self.weight.weight)  # (V + buckets, K)
+        for input_ids, lengths, labels in batches:
+            input_ids, labels = input_ids.to(counts.device), labels.to(counts.device)
+            mask = lengths_to_mask(lengths.to(counts.device), input_ids.size(1))  # (B, T)
+            ngrams = self.ngram_ids(input_ids, mask)  # (B, N), each n-gram once per row
+            classes = F.one_hot(labels, counts.size(1)).to(counts.dtype)  # (B, K)
+            counts.index_add_(0, ngrams.flatten(), classes.repeat_interleave(ngrams.size(1), dim=0))
+        counts[self.pad_id] = 0
+        return counts
+
+    @torch.no_grad()
+    def set_log_count_ratios(self, counts: Tensor, smoothing: float = 1.0) -> None:
+        """Set the "naive_bayes" scaling from `count_texts`' (V + buckets, K) counts.
+
+        For class k, r_k = log(p_k / |p_k|_1) - log(q_k / |q_k|_1), where p_k counts the
+        texts of class k that contain each n-gram and q_k those of the other classes, each
+        plus `smoothing`. With two classes r_0 = -r_1: the log-count ratio of NBSVM.
+        """
+        self._check_naive_bayes("set log-count ratios")
+        in_class = counts + smoothing  # (V + buckets, K)
+        out_class = counts.sum(dim=1, keepdim=True) - counts + smoothing  # (V + buckets, K)
+        ratios = (in_class / in_class.sum(dim=0)).log() - (out_class / out_class.sum(dim=0)).log()
+        ratios[self.pad_id] = 0
+        self.log_count_ratios.copy_(ratios)
+
+    def _check_naive_bayes(self, action: str) -> None:
+        if self.features != "naive_bayes":
+            raise ValueError(f"only a bag with 'naive_bayes' features can {action}; this bag's are {self.features!r}")
+
+    @property
+    def needs_counts(self) -> bool:
+        """True for "naive_bayes" features whose ratios have not been set yet."""
+        return self.features == "naive_bayes" and not bool(self.log_count_ratios.any())
+
+
+def _repeats(ids: Tensor) -> Tensor:
+    """(B, N) -> (B, N) bool: True where the id already occurred earlier in its row."""
+    sorted_ids, positions = ids.sort(dim=1, stable=True)  # equal ids keep their row order
+    repeat = torch.zeros_like(ids, dtype=torch.bool)  # (B, N), in sorted order
+    repeat[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+    return torch.zeros_like(repeat).scatter_(1, positions, repeat)
 
 
 class ClassifierOutput(NamedTuple):
@@ -160,9 +262,11 @@ class BiGRUClassifier(nn.Module):
             sees both a weighted summary and the strongest evidence per feature; its
             explanation weights are the attention's.
         pad_id: the padding token id; its embedding stays zero.
-        ngram_buckets: if > 0, add a linear bag of unigrams and this many hashed bigram
-            slots (`NgramBag`) to the logits: a wide-and-deep model whose n-gram side
-            picks up local phrases the recurrent side is slow to learn. 0 turns it off.
+        ngram_buckets: if > 0, add a linear bag of unigrams and this many hashed slots for
+            longer n-grams (`NgramBag`) to the logits: a wide-and-deep model whose n-gram
+            side picks up local phrases the recurrent side is slow to learn. 0 turns it off.
+        ngram_order: the bag's longest n-gram (2: unigrams and bigrams).
+        ngram_features: "mean" or "naive_bayes" (see `NgramBag`).
     """
 
     def __init__(
@@ -179,6 +283,8 @@ class BiGRUClassifier(nn.Module):
         pad_id: int = 0,
         recurrent_dropout: float = 0.0,
         ngram_buckets: int = 0,
+        ngram_order: int = 2,
+        ngram_features: NgramFeatures = "mean",
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -194,7 +300,9 @@ class BiGRUClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         pooled_dim = output_dim * (2 if pooling == "attention_max" else 1)
         self.classifier = nn.Linear(pooled_dim, num_classes)
-        self.ngrams = NgramBag(vocab_size, ngram_buckets, num_classes, pad_id) if ngram_buckets else None
+        self.ngrams = None
+        if ngram_buckets:
+            self.ngrams = NgramBag(vocab_size, ngram_buckets, num_classes, pad_id, ngram_order, ngram_features)
 
     def forward(self, input_ids: Tensor, lengths: Tensor) -> ClassifierOutput:
         """Classify a right-padded batch.

@@ -7,6 +7,7 @@ import lightning as L
 import pytest
 import torch
 
+from gru_nlp.api import TextClassifier
 from gru_nlp.data import TextDataModule
 from gru_nlp.lit import CHECKPOINT_KEY, LitClassifier, warmup_cosine
 from gru_nlp.tokenizer import load_tokenizer
@@ -97,3 +98,30 @@ def test_branch_loss_adds_each_sides_own_loss_in_training_only():
     torch.testing.assert_close(lit._shared_step(batch, lit.val_metrics), joint)
     lit.train()
     torch.testing.assert_close(lit._shared_step(batch, lit.train_metrics), joint + 0.5 * sides)
+
+
+def test_naive_bayes_bag_counts_the_training_set_once_and_the_checkpoint_keeps_it(tiny_data, tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = LitClassifier(
+        tiny_data.vocab_size, tiny_data.num_classes, tiny_data.label_names, embedding_dim=16, hidden_size=12,
+        num_layers=1, ngram_buckets=64, ngram_order=3, ngram_features="naive_bayes", ngram_lr=0.01,
+    )
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, datamodule=tiny_data)
+    bag = model.model.ngrams
+    train = ((batch["input_ids"], batch["lengths"], batch["labels"]) for batch in tiny_data.train_dataloader())
+    expected = bag.log_count_ratios.clone()
+    bag.set_log_count_ratios(bag.count_texts(train))
+    torch.testing.assert_close(bag.log_count_ratios, expected, rtol=0, atol=0)  # every training text, once
+    assert expected.abs().sum() > 0 and bag.weight.weight.abs().sum() > 0  # ratios set, weights trained
+
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    reloaded = LitClassifier.load_from_checkpoint(path, map_location="cpu")
+    torch.testing.assert_close(reloaded.model.ngrams.log_count_ratios, expected, rtol=0, atol=0)
+    assert not reloaded.model.ngrams.needs_counts  # resuming from it would not count again
+    served = TextClassifier.from_checkpoint(path, device="cpu").model.ngrams
+    assert (served.order, served.features) == (3, "naive_bayes")
+    torch.testing.assert_close(served.log_count_ratios, expected, rtol=0, atol=0)

@@ -127,17 +127,67 @@ def test_ngram_bag_starts_silent_and_keeps_padding_invariance():
     assert not torch.allclose(wide(input_ids, lengths).logits, plain(input_ids, lengths).logits)
 
 
+def test_naive_bayes_bag_counts_each_distinct_ngram_once_up_to_trigrams():
+    bag = NgramBag(vocab_size=10, buckets=7, num_classes=2, order=3, features="naive_bayes")
+    input_ids = torch.tensor([[3, 4, 3, 4, 0]])
+    mask = lengths_to_mask(torch.tensor([4]), 5)
+    bigram_34 = 10 + (3 * NgramBag.HASH_PRIME + 4) % 7
+    bigram_43 = 10 + (4 * NgramBag.HASH_PRIME + 3) % 7
+    trigram_343 = 10 + ((3 * NgramBag.HASH_PRIME + 4) % 7 * NgramBag.HASH_PRIME + 3) % 7
+    trigram_434 = 10 + ((4 * NgramBag.HASH_PRIME + 3) % 7 * NgramBag.HASH_PRIME + 4) % 7
+    ngrams = bag.ngram_ids(input_ids, mask)[0].tolist()
+    # Unigrams 3 4 (3 4 repeat), bigrams 34 43 (34 repeats), trigrams 343 434; the rest is padding.
+    assert ngrams[:4] == [3, 4, 0, 0] and ngrams[5:7] == [bigram_34, bigram_43] and ngrams[9:11] == [trigram_343, trigram_434]
+    assert len(ngrams) == 5 + 4 + 3 and sorted(set(ngrams) - {0}) == sorted({3, 4, bigram_34, bigram_43, trigram_343, trigram_434})
+
+
+def test_naive_bayes_ratios_are_the_smoothed_log_count_ratios():
+    bag = NgramBag(vocab_size=6, buckets=3, num_classes=2, order=1, features="naive_bayes")
+    input_ids = torch.tensor([[1, 1, 2], [1, 3, 0], [2, 0, 0]])
+    lengths, labels = torch.tensor([3, 2, 1]), torch.tensor([1, 1, 0])
+    assert bag.needs_counts
+    counts = bag.count_texts([(input_ids[:2], lengths[:2], labels[:2]), (input_ids[2:], lengths[2:], labels[2:])])
+    # Texts that contain each id, per class: token 1 is in both positive texts (once each).
+    assert counts[1].tolist() == [0, 2] and counts[2].tolist() == [1, 1] and counts[3].tolist() == [0, 1]
+    assert counts.sum().item() == 5
+    bag.set_log_count_ratios(counts)
+    positive = counts[:, 1] + 1  # (9,), smoothing 1 over every slot
+    negative = counts[:, 0] + 1
+    expected = (positive / positive.sum()).log() - (negative / negative.sum()).log()
+    expected[0] = 0  # padding never counts
+    torch.testing.assert_close(bag.log_count_ratios[:, 1], expected)
+    torch.testing.assert_close(bag.log_count_ratios[:, 0], -expected)
+    assert not bag.needs_counts
+    with torch.no_grad():
+        bag.weight.weight.fill_(1.0)
+    mask = lengths_to_mask(lengths, 3)
+    # Summed over the distinct tokens: the first text scores r(1) + r(2), token 1 counted once.
+    torch.testing.assert_close(bag(input_ids, mask)[0, 1], expected[1] + expected[2])
+
+
+def test_ngram_bag_options_are_checked():
+    with pytest.raises(ValueError, match="order"):
+        NgramBag(vocab_size=5, buckets=3, num_classes=2, order=0)
+    with pytest.raises(ValueError, match="features"):
+        NgramBag(vocab_size=5, buckets=3, num_classes=2, features="tfidf")
+    with pytest.raises(ValueError, match="naive_bayes"):
+        NgramBag(vocab_size=5, buckets=3, num_classes=2).set_log_count_ratios(torch.zeros(8, 2))
+
+
 def test_rejects_negative_ngram_buckets():
     with pytest.raises(ValueError, match="ngram_buckets"):
         make_model(ngram_buckets=-1)
 
 
-def test_ngram_token_scores_split_the_class_score_exactly():
-    bag = NgramBag(vocab_size=V, buckets=13, num_classes=K)
-    with torch.no_grad():
-        bag.weight.weight[1:].normal_()
+@pytest.mark.parametrize("order, features", [(2, "mean"), (3, "mean"), (3, "naive_bayes")])
+def test_ngram_token_scores_split_the_class_score_exactly(order, features):
+    bag = NgramBag(vocab_size=V, buckets=13, num_classes=K, order=order, features=features)
     input_ids, lengths = padded_batch()
     mask = lengths_to_mask(lengths, T)
+    with torch.no_grad():
+        bag.weight.weight[1:].normal_()
+        if features == "naive_bayes":
+            bag.log_count_ratios.normal_()
     shares = bag.token_scores(input_ids, mask, target=2)  # (B, T)
     torch.testing.assert_close(shares.sum(dim=1), bag(input_ids, mask)[:, 2])
     assert torch.all(shares[~mask] == 0)
