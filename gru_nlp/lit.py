@@ -210,7 +210,8 @@ class LitClassifier(L.LightningModule):
         ngrams = self.model.ngrams
         if ngrams is None or not ngrams.needs_counts:  # no bag, or its ratios came from a checkpoint
             return
-        # Every process counts its own share of the training texts; the sum covers them all once.
+        # Every process counts its own share of the training texts, so the sum covers them all
+        # (under DDP a batch or so twice, where the sampler repeats one to even out the ranks).
         batches = ((batch["input_ids"], batch["lengths"], batch["labels"]) for batch in self.trainer.train_dataloader)
         counts = self.trainer.strategy.reduce(ngrams.count_texts(batches), reduce_op="sum")
         ngrams.set_log_count_ratios(counts)
