@@ -270,8 +270,9 @@ class TextClassifier:
           about logit(text) − logit(zero input).
 
         A model with an n-gram bag (``ngram_buckets``) scores the text through that linear
-        branch too (an n-gram's term split evenly between its tokens); the gradient methods add each token's exact share of it (see
-        ``NgramBag.token_scores``), while "attention" shows the GRU side only.
+        branch too; the gradient methods add each token's exact share of it, an n-gram's term
+        split evenly between its tokens (see ``NgramBag.token_scores``), while "attention"
+        shows the GRU side only.
 
         Args:
             text: one text.
