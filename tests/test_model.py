@@ -165,6 +165,20 @@ def test_naive_bayes_ratios_are_the_smoothed_log_count_ratios():
     torch.testing.assert_close(bag(input_ids, mask)[0, 1], expected[1] + expected[2])
 
 
+def test_naive_bayes_ratios_with_three_classes_are_one_against_the_rest():
+    bag = NgramBag(vocab_size=5, buckets=2, num_classes=3, order=1, features="naive_bayes")
+    input_ids, lengths, labels = torch.tensor([[1, 2], [2, 3], [3, 4]]), torch.tensor([2, 2, 2]), torch.tensor([0, 1, 2])
+    counts = bag.count_texts([(input_ids, lengths, labels)])
+    bag.set_log_count_ratios(counts)
+    for k in range(3):
+        in_class = counts[:, k] + 1
+        rest = counts.sum(dim=1) - counts[:, k] + 1
+        expected = (in_class / in_class.sum()).log() - (rest / rest.sum()).log()
+        expected[0] = 0
+        torch.testing.assert_close(bag.log_count_ratios[:, k], expected)
+    assert bag.log_count_ratios[1].argmax() == 0 and bag.log_count_ratios[4].argmax() == 2  # each token favours its class
+
+
 def test_ngram_bag_options_are_checked():
     with pytest.raises(ValueError, match="order"):
         NgramBag(vocab_size=5, buckets=3, num_classes=2, order=0)
