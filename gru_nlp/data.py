@@ -71,8 +71,13 @@ class TextDataModule(L.LightningDataModule):
     sorted order.
 
     Validation: `val_split` when given; else the source's `validation` split
-    (unless it is the test split); else a seeded, label-stratified part of the
-    training split, `val_size` of it.
+    (unless it is the test split); else `val_size` of the training split, carved
+    off per class in proportion to its share, by `val_carve`: `"random"` rows
+    (seeded), or the `"tail"`, each class's last rows in the split's order. Use
+    `"tail"` when neighbouring rows belong together and the test split does not
+    share their groups: in IMDB, reviews of one movie have neighbouring file ids
+    and the test set's movies are not in train, so a random carve puts reviews of
+    training movies in validation and rewards memorising names and titles.
 
     The properties `tokenizer`, `vocab_size`, `num_classes`, `label_names` and
     `pad_id` work right after construction (LightningCLI links them into the
@@ -94,6 +99,8 @@ class TextDataModule(L.LightningDataModule):
         test_split: The split to test and predict on, or None for none.
         val_size: The part of the training split carved off for validation when
             there is no validation split: a fraction below 1, or a count.
+        val_carve: Which rows `val_size` carves off: `"random"` or `"tail"` (see
+            Validation above).
         seed: Seeds the validation carve and the training batch order.
         tokenizer_path: A saved `tokenizer.json` to use instead of training one.
         vocab_size: The most tokens a trained tokenizer may have.
@@ -123,6 +130,7 @@ class TextDataModule(L.LightningDataModule):
         val_split: str | None = None,
         test_split: str | None = "test",
         val_size: float = 0.1,
+        val_carve: Literal["random", "tail"] = "random",
         seed: int = 42,
         tokenizer_path: str | None = None,
         vocab_size: int = 30000,
@@ -145,6 +153,8 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"eval_batch_size must be positive, got {eval_batch_size}")
         if val_size >= 1 and not float(val_size).is_integer():
             raise ValueError(f"val_size must be a fraction below 1 or a whole count, got {val_size}")
+        if val_carve not in ("random", "tail"):
+            raise ValueError(f"val_carve must be 'random' or 'tail', got {val_carve!r}")
         # The properties vocab_size and label_names give what the data turned out to
         # have, and LightningCLI links them into the model's hparams; Lightning refuses to
         # log one key with two values, so the requests stay out of this module's hparams.
@@ -310,18 +320,26 @@ class TextDataModule(L.LightningDataModule):
             )
 
         if "val" not in splits:
-            val_size = hp.val_size if hp.val_size < 1 else int(hp.val_size)
-            try:
-                carved = splits["train"].train_test_split(test_size=val_size, seed=hp.seed, stratify_by_column="labels")
-            except ValueError as err:  # e.g. a class with one example cannot be on both sides
-                raise ValueError(
-                    f"cannot carve a stratified validation split (val_size={hp.val_size}) from split "
-                    f"{hp.train_split!r} of {sources[hp.train_split]}: {err} Set val_split, or a val_size "
-                    "that leaves examples of every class on both sides."
-                ) from err
-            splits["train"], splits["val"] = carved["train"], carved["test"]
+            splits["train"], splits["val"] = self._carve_validation(splits["train"], sources[hp.train_split])
         self._splits = splits
         return splits
+
+    def _carve_validation(self, train: Dataset, source: str) -> tuple[Dataset, Dataset]:
+        """Split `train` into (train, validation) by `val_size` and `val_carve`."""
+        hp = self.hparams
+        val_size = hp.val_size if hp.val_size < 1 else int(hp.val_size)
+        try:
+            if hp.val_carve == "random":
+                carved = train.train_test_split(test_size=val_size, seed=hp.seed, stratify_by_column="labels")
+                return carved["train"], carved["test"]
+            train_rows, val_rows = _tail_rows(train["labels"], val_size)
+        except ValueError as err:  # e.g. a class with one example cannot be on both sides
+            raise ValueError(
+                f"cannot carve a stratified validation split (val_size={hp.val_size}) from split "
+                f"{hp.train_split!r} of {source}: {err} Set val_split, or a val_size "
+                "that leaves examples of every class on both sides."
+            ) from err
+        return train.select(train_rows), train.select(val_rows)
 
     def _cached_trained_tokenizer(self, train: Dataset) -> Tokenizer:
         """Train a tokenizer on `train`, or load the one an earlier run or process trained on it."""
@@ -353,6 +371,28 @@ class TextDataModule(L.LightningDataModule):
             )
             save_tokenizer(tokenizer, path)
         return tokenizer
+
+
+def _tail_rows(labels: list[int], val_size: float) -> tuple[list[int], list[int]]:
+    """Row numbers (train, validation): each class's last rows, in proportion to its share, validate.
+
+    `val_size` is a fraction below 1 (of all rows, rounded up) or a count, shared out
+    between the classes by largest remainder.
+    """
+    total = math.ceil(val_size * len(labels)) if val_size < 1 else int(val_size)
+    rows_by_class: dict[int, list[int]] = defaultdict(list)
+    for row, label in enumerate(labels):
+        rows_by_class[label].append(row)
+    shares = {label: total * len(rows) / len(labels) for label, rows in rows_by_class.items()}
+    counts = {label: math.floor(share) for label, share in shares.items()}
+    for label in sorted(shares, key=lambda label: counts[label] - shares[label])[: total - sum(counts.values())]:
+        counts[label] += 1
+    for label, rows in rows_by_class.items():
+        if not 0 < counts[label] < len(rows):
+            raise ValueError(f"class {label} has {len(rows)} rows, so its share of validation would be {counts[label]}.")
+    val_rows = sorted(row for label, rows in rows_by_class.items() for row in rows[len(rows) - counts[label] :])
+    val_set = set(val_rows)
+    return [row for row in range(len(labels)) if row not in val_set], val_rows
 
 
 def _load_raw_splits(

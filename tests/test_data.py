@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from gru_nlp.data import TextDataModule
+from gru_nlp.data import TextDataModule, _tail_rows
 from gru_nlp.tokenizer import save_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,6 +150,41 @@ def test_the_carved_validation_split_is_stratified_and_seeded(tmp_path):
     assert Counter(label for _, label in first) == {0: 6, 1: 6}
     assert val_examples(seed=1) == first
     assert sorted(val_examples(seed=2)) != sorted(first)
+
+
+def test_a_tail_carve_validates_on_each_class_last_rows_whatever_the_seed(tmp_path, tokenizer_path):
+    # IMDB's reviews of one movie have neighbouring ids: the last rows of each class
+    # hold reviews of movies the training rows do not see, as in the test split.
+    path = write(tmp_path / "data" / "train.parquet", TRAIN)
+
+    def val_review_numbers(seed: int) -> list[tuple[int, int]]:
+        dm = data_module(
+            path, tmp_path, val_size=0.2, val_carve="tail", seed=seed, test_split=None, tokenizer_path=tokenizer_path
+        )
+        dm.setup("fit")
+        assert len(dm.train_dataloader().dataset) == 16
+        texts = [(dm.tokenizer.decode(list(ids)), label) for _, ids, label in examples(dm.val_dataloader())]
+        return sorted((label, int(text.split()[1])) for text, label in texts)
+
+    assert val_review_numbers(seed=1) == [(0, 8), (0, 9), (1, 8), (1, 9)]
+    assert val_review_numbers(seed=2) == val_review_numbers(seed=1)
+
+
+def test_a_tail_carve_shares_a_count_out_by_class_size():
+    labels = [0, 1, 2, 0, 1, 0, 2, 0, 1, 0]  # 5, 3 and 2 rows
+    train_rows, val_rows = _tail_rows(labels, 5)  # shares 2.5, 1.5, 1: the tie goes to class 0
+    assert val_rows == [5, 6, 7, 8, 9]
+    assert train_rows == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="class 1 has 3 rows"):
+        _tail_rows(labels, 0.9)
+
+
+def test_a_class_too_small_for_a_tail_carve_is_an_error_naming_the_file(tmp_path):
+    path = write(tmp_path / "data" / "train.jsonl", TRAIN + [{"text": "A lone meh.", "label": "meh"}])
+    with pytest.raises(ValueError, match="cannot carve a stratified validation split .*train.jsonl"):
+        data_module(path, tmp_path, val_size=0.2, val_carve="tail", test_split=None).num_classes
+    with pytest.raises(ValueError, match="val_carve must be 'random' or 'tail'"):
+        data_module(path, tmp_path, val_carve="last")
 
 
 def test_val_size_can_be_a_count(tmp_path):
@@ -334,7 +369,7 @@ def test_lightning_reshuffles_each_epoch_and_predicts_every_row(tmp_path):
 DDP_SCRIPT = """
 import json, sys
 import lightning as L
-from gru_nlp.data import TextDataModule
+from gru_nlp.data import TextDataModule, _tail_rows
 from tests.test_data import Recorder
 
 dm = TextDataModule(sys.argv[1], batch_size=8, pool_size=2, vocab_size=100, cache_dir=sys.argv[2])
