@@ -400,7 +400,8 @@ class TextClassifier:
             # The n-gram bag never sees the embeddings; its logit splits exactly over the tokens.
             with torch.no_grad():
                 mask = torch.ones_like(input_ids, dtype=torch.bool)  # (1, T): one text, no padding
-                scores = scores + self.model.ngrams.token_scores(input_ids, mask, target)[0]  # (T,)
+                shares = self.model.ngrams.token_scores(input_ids, mask, target)[0]  # (T,)
+                scores = scores + self.model.side_weights[1] * shares  # as weighted in the served logits
         return scores.float().cpu().numpy()  # (T,)
 
     def _token_spans(self, text: str, ids: list[int]) -> list[tuple[int | None, int | None]]:

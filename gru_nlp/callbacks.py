@@ -61,13 +61,19 @@ class EpochSummary(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not hasattr(self, "start"):
             return
-        elapsed_min = (time.perf_counter() - self.start) / 60
-        pl_module.log("time/elapsed_min", elapsed_min, rank_zero_only=True)
+        self.elapsed_min = (time.perf_counter() - self.start) / 60
+        pl_module.log("time/elapsed_min", self.elapsed_min, rank_zero_only=True)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Printed here, after the module's own on_validation_epoch_end has logged (LitClassifier
+        # scores validation there once side weights are fitted), not in the hook above.
+        if trainer.sanity_checking or not hasattr(self, "elapsed_min"):
+            return
         metrics = trainer.callback_metrics
         shown = "  ".join(
             f"{name} {metrics[name].item():.4f}" for name in ("val/acc", "val/f1", "val/loss", "train/loss") if name in metrics
         )
-        rank_zero_info(f"epoch {trainer.current_epoch}  step {trainer.global_step}  {shown}  elapsed {elapsed_min:.1f} min")
+        rank_zero_info(f"epoch {trainer.current_epoch}  step {trainer.global_step}  {shown}  elapsed {self.elapsed_min:.1f} min")
 
 
 def checkpoint_bytes(module: torch.nn.Module) -> int:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from gru_nlp.model import BiGRUClassifier, NgramFeatures, Pooling
+from gru_nlp.model import BiGRUClassifier, NgramFeatures, Pooling, fit_side_weights
 from gru_nlp.tokenizer import save_tokenizer
 
 # Everything inference needs besides the weights lives under this key of the checkpoint.
@@ -47,6 +47,10 @@ class LitClassifier(L.LightningModule):
             (the GRU's logits, the bag's) in training, so that neither side leans on the
             other: alone, the joint loss lets the bag fit the training set in an epoch and
             leaves the GRU little to learn from. 0 trains on the joint loss only.
+        calibrate_sides: with the n-gram bag, refit the model's `side_weights` (how the two
+            sides' scores are weighted outside training) on the validation split at the end
+            of every validation, before its metrics are computed: checkpoints are chosen and
+            saved with the weights they are served with. False serves the plain sum.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay (not applied to biases or the embedding).
         warmup: fraction of all optimiser steps spent warming the learning rate up linearly.
@@ -74,6 +78,7 @@ class LitClassifier(L.LightningModule):
         ngram_features: NgramFeatures = "mean",
         ngram_lr: float = 0.2,
         branch_loss: float = 0.0,
+        calibrate_sides: bool = True,
         lr: float = 2e-3,
         weight_decay: float = 0.01,
         warmup: float = 0.05,
@@ -117,6 +122,8 @@ class LitClassifier(L.LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
         # Filled from the data module at fit time, or from a checkpoint; saved with every checkpoint.
         self.inference_config: dict[str, Any] = {}
+        # Per validation batch: (gru_logits, ngram_logits, labels), to fit side_weights on.
+        self._validation_sides: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def forward(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
         """(B, T) ids and (B,) lengths -> (B, K) logits."""
@@ -127,8 +134,7 @@ class LitClassifier(L.LightningModule):
         labels = batch["labels"]
         loss = self.loss_fn(output.logits.float(), labels)
         if self.training and self.hparams.branch_loss and output.ngram_logits is not None:
-            gru_logits = output.logits - output.ngram_logits  # (B, K)
-            branch_losses = self.loss_fn(gru_logits.float(), labels) + self.loss_fn(output.ngram_logits.float(), labels)
+            branch_losses = self.loss_fn(output.gru_logits.float(), labels) + self.loss_fn(output.ngram_logits.float(), labels)
             loss = loss + self.hparams.branch_loss * branch_losses
         metrics.update(output.logits.detach(), labels)
         return loss
@@ -141,10 +147,49 @@ class LitClassifier(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if self._calibrating:  # scored in on_validation_epoch_end, once side_weights are fitted
+            output = self.model(batch["input_ids"], batch["lengths"])
+            self._validation_sides.append((output.gru_logits.float(), output.ngram_logits.float(), batch["labels"]))
+            return
         loss = self._shared_step(batch, self.val_metrics)
         batch_size = batch["labels"].numel()
         self.log("val/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log_dict(self.val_metrics, prog_bar=True, batch_size=batch_size)
+
+    @property
+    def _calibrating(self) -> bool:
+        """Whether this validation refits side_weights (not in the sanity check's few batches)."""
+        return bool(
+            self.hparams.calibrate_sides
+            and self.model.ngrams is not None
+            and self._trainer is not None
+            and not self.trainer.sanity_checking
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._validation_sides:
+            return
+        gru_logits, ngram_logits, labels = (torch.cat(parts) for parts in zip(*self._validation_sides))
+        self._validation_sides.clear()
+        # Every process fits on all processes' validation examples, so all get the same weights.
+        everyone = [self._gather_rows(part) for part in (gru_logits, ngram_logits, labels)]
+        weights = fit_side_weights(*everyone)
+        self.model.side_weights.copy_(weights)
+        logits = weights[0] * gru_logits + weights[1] * ngram_logits  # (N, K): this process's examples
+        self.val_metrics.update(logits, labels)
+        self.log("val/loss", self.loss_fn(logits, labels), prog_bar=True, batch_size=labels.numel(), sync_dist=True)
+        self.log_dict(self.val_metrics, prog_bar=True)
+        self.log_dict({"val/side_weight_gru": weights[0], "val/side_weight_ngram": weights[1]})
+
+    def _gather_rows(self, rows: Tensor) -> Tensor:
+        """(N, *) rows of this process -> the rows of all processes, concatenated (N may differ)."""
+        if self.trainer.world_size == 1:
+            return rows
+        counts = self.all_gather(torch.tensor(rows.size(0), device=rows.device))  # (P,)
+        padded = rows.new_zeros(int(counts.max()), *rows.shape[1:])
+        padded[: rows.size(0)] = rows
+        gathered = self.all_gather(padded)  # (P, max N, *)
+        return torch.cat([part[:count] for part, count in zip(gathered, counts.tolist(), strict=True)])
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         loss = self._shared_step(batch, self.test_metrics)

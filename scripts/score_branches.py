@@ -1,9 +1,9 @@
 """Test accuracy of a wide-and-deep checkpoint's two sides alone and together.
 
 A model trained with an n-gram bag (`ngram_buckets`) adds the bag's class scores to the
-GRU's. This scores, in one pass over the test texts, the sum (the model as served), the
-GRU side alone (logits minus the bag's share) and the bag alone, so a reader can see what
-each side contributes:
+GRU's, each side weighted by the model's `side_weights` (fitted on validation data). This
+scores, in one pass over the test texts, the weighted sum (the model as served), the GRU
+side alone and the bag alone, so a reader can see what each side contributes:
 
     python scripts/score_branches.py --ckpt best.ckpt --data ../shared/data/imdb
 """
@@ -34,6 +34,7 @@ def main() -> None:
     texts, labels = table.column("text").to_pylist(), torch.tensor(table.column("label").to_pylist())
 
     correct = {"both (as served)": 0, "GRU side alone": 0, "n-gram bag alone": 0}
+    weights = [round(weight, 4) for weight in classifier.model.side_weights.tolist()]
     ids = classifier._encode(texts)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # batches of similar length pad little
     for first in range(0, len(order), args.batch_size):
@@ -42,9 +43,9 @@ def main() -> None:
         with torch.inference_mode():
             output = classifier.model(input_ids, lengths)
         gold = labels[rows]
-        for name, logits in zip(correct, (output.logits, output.logits - output.ngram_logits, output.ngram_logits)):
+        for name, logits in zip(correct, (output.logits, output.gru_logits, output.ngram_logits)):
             correct[name] += int((logits.argmax(dim=-1) == gold).sum())
-    print(json.dumps({"texts": len(ids), **{name: round(hits / len(ids), 4) for name, hits in correct.items()}}, indent=2))
+    print(json.dumps({"texts": len(ids), "side_weights (gru, bag)": weights, **{name: round(hits / len(ids), 4) for name, hits in correct.items()}}, indent=2))
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def test_integrated_gradients_complete(classifier):
 
 
 def test_gradient_explanations_include_the_ngram_bag_exactly(tiny_checkpoint):
-    """With an n-gram bag, IG sums to the GRU side's logit change plus the bag's whole score."""
+    """With an n-gram bag, IG sums to the GRU side's logit change plus the bag's whole score, each as weighted when served."""
     classifier = TextClassifier.from_checkpoint(tiny_checkpoint, device="cpu")
     model = classifier.model
     torch.manual_seed(0)
@@ -129,6 +129,7 @@ def test_gradient_explanations_include_the_ngram_bag_exactly(tiny_checkpoint):
     with torch.no_grad():
         bag.weight.weight[1:].normal_(mean=3.0)  # every class's score near 3, whichever the tokenizer's ids
     model.ngrams = bag
+    model.register_buffer("side_weights", torch.tensor([0.5, 2.0]))  # (w_gru, w_ngram)
     text = "lovely acting, awful plot"
     explanation = classifier.explain(text, method="integrated_gradients")
     (ids,) = classifier._encode([text])
@@ -140,7 +141,7 @@ def test_gradient_explanations_include_the_ngram_bag_exactly(tiny_checkpoint):
         full = model(input_ids, lengths).logits[0, target]
         baseline = model(torch.zeros_like(input_ids), lengths).logits[0, target]
     assert abs(float(bag_score)) > 0.5  # the bag's share is large enough to be missed
-    assert explanation.token_weights.sum() == pytest.approx(float(full - baseline + bag_score), abs=0.05)
+    assert explanation.token_weights.sum() == pytest.approx(float(0.5 * (full - baseline) + 2.0 * bag_score), abs=0.05)
 
 
 def test_explain_edge_cases_and_gates(classifier):

@@ -10,6 +10,7 @@ import torch
 from gru_nlp.api import TextClassifier
 from gru_nlp.data import TextDataModule
 from gru_nlp.lit import CHECKPOINT_KEY, LitClassifier, warmup_cosine
+from gru_nlp.model import fit_side_weights
 from gru_nlp.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +95,7 @@ def test_branch_loss_adds_each_sides_own_loss_in_training_only():
     output = lit.model(batch["input_ids"], batch["lengths"])
     cross_entropy = torch.nn.functional.cross_entropy
     joint = cross_entropy(output.logits, batch["labels"])
-    sides = cross_entropy(output.logits - output.ngram_logits, batch["labels"]) + cross_entropy(output.ngram_logits, batch["labels"])
+    sides = cross_entropy(output.gru_logits, batch["labels"]) + cross_entropy(output.ngram_logits, batch["labels"])
     torch.testing.assert_close(lit._shared_step(batch, lit.val_metrics), joint)
     lit.train()
     torch.testing.assert_close(lit._shared_step(batch, lit.train_metrics), joint + 0.5 * sides)
@@ -125,3 +126,35 @@ def test_naive_bayes_bag_counts_the_training_set_once_and_the_checkpoint_keeps_i
     served = TextClassifier.from_checkpoint(path, device="cpu").model.ngrams
     assert (served.order, served.features) == (3, "naive_bayes")
     torch.testing.assert_close(served.log_count_ratios, expected, rtol=0, atol=0)
+
+
+def test_validation_fits_the_side_weights_that_choose_and_serve_the_checkpoint(tiny_data, tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = LitClassifier(
+        tiny_data.vocab_size, tiny_data.num_classes, tiny_data.label_names, embedding_dim=16, hidden_size=12,
+        num_layers=1, lr=0.01, ngram_buckets=64, ngram_features="naive_bayes", ngram_lr=0.01, branch_loss=1.0,
+    )
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, datamodule=tiny_data)
+
+    model.eval()
+    gru, ngram, labels, served = [], [], [], []
+    with torch.no_grad():
+        for batch in tiny_data.val_dataloader():
+            output = model.model(batch["input_ids"], batch["lengths"])
+            gru.append(output.gru_logits), ngram.append(output.ngram_logits), labels.append(batch["labels"])
+            served.append(output.logits)
+    gru, ngram, labels, served = (torch.cat(parts) for parts in (gru, ngram, labels, served))
+    weights = model.model.side_weights
+    assert not torch.equal(weights, torch.ones(2))
+    torch.testing.assert_close(weights, fit_side_weights(gru, ngram, labels))  # fitted on this validation split
+    torch.testing.assert_close(served, weights[0] * gru + weights[1] * ngram)
+    accuracy = (served.argmax(-1) == labels).float().mean()
+    torch.testing.assert_close(trainer.callback_metrics["val/acc"], accuracy)  # what checkpoints are chosen by
+
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    classifier = TextClassifier.from_checkpoint(path, device="cpu")
+    torch.testing.assert_close(classifier.model.side_weights, weights)

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from torch import nn
 
-from gru_nlp.model import BiGRUClassifier, NgramBag, lengths_to_mask
+from gru_nlp.model import BiGRUClassifier, NgramBag, lengths_to_mask, fit_side_weights
 
 # Odd, all-different sizes so a swapped dimension cannot pass by accident.
 B, T, V, E, H, K = 3, 7, 50, 8, 6, 5
@@ -205,3 +206,29 @@ def test_ngram_token_scores_split_the_class_score_exactly(order, features):
     shares = bag.token_scores(input_ids, mask, target=2)  # (B, T)
     torch.testing.assert_close(shares.sum(dim=1), bag(input_ids, mask)[:, 2])
     assert torch.all(shares[~mask] == 0)
+
+
+def test_fit_side_weights_recovers_the_weights_that_made_the_labels():
+    generator = torch.Generator().manual_seed(0)
+    gru_logits, ngram_logits = 2 * torch.randn(2, 20000, 3, generator=generator)
+    labels = torch.multinomial(torch.softmax(0.3 * gru_logits + 1.5 * ngram_logits, dim=-1), 1, generator=generator)[:, 0]
+    with torch.inference_mode():  # as Lightning validates
+        weights = fit_side_weights(gru_logits.clone(), ngram_logits.clone(), labels.clone())
+    torch.testing.assert_close(weights, torch.tensor([0.3, 1.5]), atol=0.06, rtol=0)
+
+
+def test_side_weights_weigh_the_served_logits_but_not_the_training_sum():
+    torch.manual_seed(0)
+    model = BiGRUClassifier(vocab_size=30, num_classes=2, embedding_dim=8, hidden_size=6, num_layers=1, dropout=0.0, embedding_dropout=0.0, ngram_buckets=11)
+    nn.init.normal_(model.ngrams.weight.weight)
+    input_ids, lengths = torch.randint(1, 30, (3, 5)), torch.tensor([5, 4, 2])
+    model.side_weights.copy_(torch.tensor([0.5, 2.0]))
+    served = model.eval()(input_ids, lengths)
+    torch.testing.assert_close(served.logits, 0.5 * served.gru_logits + 2.0 * served.ngram_logits)
+    trained = model.train()(input_ids, lengths)
+    torch.testing.assert_close(trained.logits, trained.gru_logits + trained.ngram_logits)
+    torch.testing.assert_close(trained.gru_logits, served.gru_logits)
+
+    older = {name: value for name, value in model.state_dict().items() if name != "side_weights"}
+    model.load_state_dict(older)  # a checkpoint from before side weights: the plain sum
+    torch.testing.assert_close(model.side_weights, torch.ones(2))
