@@ -369,7 +369,7 @@ def test_lightning_reshuffles_each_epoch_and_predicts_every_row(tmp_path):
 DDP_SCRIPT = """
 import json, sys
 import lightning as L
-from gru_nlp.data import TextDataModule, _tail_rows
+from gru_nlp.data import TextDataModule
 from tests.test_data import Recorder
 
 dm = TextDataModule(sys.argv[1], batch_size=8, pool_size=2, vocab_size=100, cache_dir=sys.argv[2])
