@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 from collections import defaultdict
 from collections.abc import Collection, Iterator
@@ -77,7 +78,12 @@ class TextDataModule(L.LightningDataModule):
     `"tail"` when neighbouring rows belong together and the test split does not
     share their groups: in IMDB, reviews of one movie have neighbouring file ids
     and the test set's movies are not in train, so a random carve puts reviews of
-    training movies in validation and rewards memorising names and titles.
+    training movies in validation and rewards memorising names and titles. Use
+    `"sentences"` for phrase-level data, whose training split holds each sentence
+    and its labelled sub-phrases (SST-2): whole texts, ones no longer text contains,
+    are drawn at random (seeded, per class) to validate, and training drops the
+    phrases that occur only inside them, so validation sentences are unseen in every
+    part; there `val_size` counts whole texts.
 
     The properties `tokenizer`, `vocab_size`, `num_classes`, `label_names` and
     `pad_id` work right after construction (LightningCLI links them into the
@@ -99,8 +105,8 @@ class TextDataModule(L.LightningDataModule):
         test_split: The split to test and predict on, or None for none.
         val_size: The part of the training split carved off for validation when
             there is no validation split: a fraction below 1, or a count.
-        val_carve: Which rows `val_size` carves off: `"random"` or `"tail"` (see
-            Validation above).
+        val_carve: Which rows `val_size` carves off: `"random"`, `"tail"` or
+            `"sentences"` (see Validation above).
         seed: Seeds the validation carve and the training batch order.
         tokenizer_path: A saved `tokenizer.json` to use instead of training one.
         vocab_size: The most tokens a trained tokenizer may have.
@@ -130,7 +136,7 @@ class TextDataModule(L.LightningDataModule):
         val_split: str | None = None,
         test_split: str | None = "test",
         val_size: float = 0.1,
-        val_carve: Literal["random", "tail"] = "random",
+        val_carve: Literal["random", "tail", "sentences"] = "random",
         seed: int = 42,
         tokenizer_path: str | None = None,
         vocab_size: int = 30000,
@@ -153,8 +159,8 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"eval_batch_size must be positive, got {eval_batch_size}")
         if val_size >= 1 and not float(val_size).is_integer():
             raise ValueError(f"val_size must be a fraction below 1 or a whole count, got {val_size}")
-        if val_carve not in ("random", "tail"):
-            raise ValueError(f"val_carve must be 'random' or 'tail', got {val_carve!r}")
+        if val_carve not in ("random", "tail", "sentences"):
+            raise ValueError(f"val_carve must be 'random', 'tail' or 'sentences', got {val_carve!r}")
         # The properties vocab_size and label_names give what the data turned out to
         # have, and LightningCLI links them into the model's hparams; Lightning refuses to
         # log one key with two values, so the requests stay out of this module's hparams.
@@ -332,7 +338,16 @@ class TextDataModule(L.LightningDataModule):
             if hp.val_carve == "random":
                 carved = train.train_test_split(test_size=val_size, seed=hp.seed, stratify_by_column="labels")
                 return carved["train"], carved["test"]
-            train_rows, val_rows = _tail_rows(train["labels"], val_size)
+            if hp.val_carve == "tail":
+                train_rows, val_rows = _tail_rows(train["labels"], val_size)
+            else:
+                train_rows, val_rows = _sentence_rows(train["text"], train["labels"], val_size, hp.seed)
+                log.info(
+                    "Validating on %d whole texts of %s; training drops %d phrases found only inside them",
+                    len(val_rows),
+                    hp.train_split,
+                    len(train) - len(train_rows) - len(val_rows),
+                )
         except ValueError as err:  # e.g. a class with one example cannot be on both sides
             raise ValueError(
                 f"cannot carve a stratified validation split (val_size={hp.val_size}) from split "
@@ -393,6 +408,42 @@ def _tail_rows(labels: list[int], val_size: float) -> tuple[list[int], list[int]
     val_rows = sorted(row for label, rows in rows_by_class.items() for row in rows[len(rows) - counts[label] :])
     val_set = set(val_rows)
     return [row for row in range(len(labels)) if row not in val_set], val_rows
+
+
+def _sentence_rows(texts: list[str], labels: list[int], val_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """Row numbers (train, validation) for phrase-level data: whole texts validate, their phrases leave training.
+
+    A whole text is one that no longer text contains as a run of whitespace-separated
+    words. `val_size` of the whole texts (a fraction, rounded up, or a count) are drawn
+    per class with `seed` and validate, duplicates included. Training keeps every other
+    row but the phrases found only inside validation texts: a phrase that is also inside
+    a training text (a common "the film") stays.
+    """
+    words = [text.split() for text in texts]
+    rows_by_whole: dict[str, list[int]] = {}  # whole text -> its rows
+    covered: set[str] = set()  # every word run of the whole texts seen so far
+    for row in sorted(range(len(texts)), key=lambda row: -len(words[row])):  # longest first
+        text = " ".join(words[row])
+        if text in rows_by_whole:
+            rows_by_whole[text].append(row)
+        elif text not in covered:
+            rows_by_whole[text] = [row]
+            covered.update(_word_runs(words[row]))
+    del covered
+    wholes = sorted(rows_by_whole, key=lambda text: rows_by_whole[text][0])  # in row order, then shuffled
+    random.Random(seed).shuffle(wholes)
+    train_wholes, val_wholes = _tail_rows([labels[rows_by_whole[text][0]] for text in wholes], val_size)
+    only_in_val = {run for i in val_wholes for run in _word_runs(wholes[i].split())}
+    for i in train_wholes:
+        only_in_val.difference_update(_word_runs(wholes[i].split()))
+    val_rows = sorted(row for i in val_wholes for row in rows_by_whole[wholes[i]])
+    train_rows = [row for row in range(len(texts)) if " ".join(words[row]) not in only_in_val]
+    return train_rows, val_rows
+
+
+def _word_runs(words: list[str]) -> Iterator[str]:
+    """Every run of consecutive words, joined by single spaces (the whole text included)."""
+    return (" ".join(words[start:end]) for start in range(len(words)) for end in range(start + 1, len(words) + 1))
 
 
 def _load_raw_splits(

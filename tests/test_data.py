@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from gru_nlp.data import TextDataModule, _tail_rows
+from gru_nlp.data import TextDataModule, _sentence_rows, _tail_rows
 from gru_nlp.tokenizer import save_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,8 +183,69 @@ def test_a_class_too_small_for_a_tail_carve_is_an_error_naming_the_file(tmp_path
     path = write(tmp_path / "data" / "train.jsonl", TRAIN + [{"text": "A lone meh.", "label": "meh"}])
     with pytest.raises(ValueError, match="cannot carve a stratified validation split .*train.jsonl"):
         data_module(path, tmp_path, val_size=0.2, val_carve="tail", test_split=None).num_classes
-    with pytest.raises(ValueError, match="val_carve must be 'random' or 'tail'"):
+    with pytest.raises(ValueError, match="val_carve must be 'random', 'tail' or 'sentences'"):
         data_module(path, tmp_path, val_carve="last")
+
+
+# SST-2's training split: each sentence, and labelled phrases cut from it.
+PHRASES = [
+    ("a warm , funny film", "pos"),
+    ("warm , funny", "pos"),
+    ("funny film", "pos"),
+    ("the film", "neg"),  # inside sentences of both sides
+    ("a dull , lifeless film", "neg"),
+    ("dull ,  lifeless", "neg"),  # runs are compared word by word, whatever the spacing
+    ("lifeless", "neg"),
+    ("the film is clumsy", "neg"),
+    ("is clumsy", "neg"),
+    ("the film is superb", "pos"),
+    ("superb", "pos"),
+    ("the film is superb", "pos"),  # a duplicated sentence goes to one side with its copy
+]
+
+
+def inside(phrase: str, sentence: str) -> bool:
+    """Whether `phrase` is a run of consecutive words of `sentence`."""
+    words, sentence_words = phrase.split(), sentence.split()
+    return any(sentence_words[i : i + len(words)] == words for i in range(len(sentence_words)))
+
+
+def test_a_sentence_carve_keeps_the_phrases_of_validation_sentences_out_of_training():
+    texts, labels = [text for text, _ in PHRASES], [int(label == "pos") for _, label in PHRASES]
+    wholes = {0, 4, 7, 9, 11}
+    seen_in_val = set()
+    for seed in range(20):
+        train_rows, val_rows = _sentence_rows(texts, labels, val_size=0.4, seed=seed)
+        assert set(val_rows) <= wholes  # only whole sentences validate, one per class (0.4 of 4)...
+        assert sorted(labels[row] for row in val_rows if row != 11) == [0, 1]
+        assert (9 in val_rows) == (11 in val_rows)  # ...with their duplicates
+        train_wholes = wholes - set(val_rows)
+        expected_train = [
+            row
+            for row in range(len(texts))
+            if row in train_wholes
+            or row not in wholes
+            and (any(inside(texts[row], texts[w]) for w in train_wholes) or not any(inside(texts[row], texts[v]) for v in val_rows))
+        ]
+        assert train_rows == expected_train
+        seen_in_val.update(val_rows)
+    assert seen_in_val == wholes  # the seed decides which sentences validate
+    # Seed 0 validates on "a dull , lifeless film" and both copies of "the film is superb".
+    # "the film" stays, as it is also inside "the film is clumsy"; "dull , lifeless",
+    # "lifeless" and "superb" leave training.
+    assert _sentence_rows(texts, labels, val_size=0.4, seed=0) == ([0, 1, 2, 3, 7, 8], [4, 9, 11])
+
+
+def test_a_sentence_carve_through_the_data_module(tmp_path, tokenizer_path):
+    rows = [{"text": text, "label": label} for text, label in PHRASES]
+    path = write(tmp_path / "data" / "train.parquet", rows)
+    dm = data_module(path, tmp_path, val_size=2, val_carve="sentences", test_split=None, tokenizer_path=tokenizer_path)
+    dm.setup("fit")
+    val_texts = [" ".join(text.split()) for text in dm._splits["val"]["text"]]
+    train_texts = [" ".join(text.split()) for text in dm._splits["train"]["text"]]
+    assert len(val_texts) in (2, 3)  # two sentences, one class each, and a duplicate if drawn
+    assert Counter(dm._splits["val"]["labels"])[0] == 1
+    assert not set(val_texts) & set(train_texts)
 
 
 def test_val_size_can_be_a_count(tmp_path):
