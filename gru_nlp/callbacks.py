@@ -38,8 +38,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 # A checkpoint holds the weights and AdamW's two moment estimates, each the size of the weights.
 CHECKPOINT_COPIES_OF_WEIGHTS = 3
-# Room wanted for: the best checkpoint, last.ckpt, and the temporary file of the one being replaced.
-CHECKPOINTS_ON_DISK = 3
 # Hyperparameters, the tokenizer and the loop state ride along; generous for a large vocabulary.
 CHECKPOINT_OVERHEAD_BYTES = 8 * 2**20
 
@@ -77,9 +75,19 @@ class EpochSummary(L.Callback):
 
 
 def checkpoint_bytes(module: torch.nn.Module) -> int:
-    """An estimate of one training checkpoint's size: weights, optimizer state and overhead."""
+    """An estimate of one training checkpoint's size: weights, optimizer state, buffers and overhead."""
     weights = sum(p.numel() * p.element_size() for p in module.parameters())
-    return CHECKPOINT_COPIES_OF_WEIGHTS * weights + CHECKPOINT_OVERHEAD_BYTES
+    buffers = sum(b.numel() * b.element_size() for b in module.buffers())  # the n-gram bag's log-count ratios
+    return CHECKPOINT_COPIES_OF_WEIGHTS * weights + buffers + CHECKPOINT_OVERHEAD_BYTES
+
+
+def checkpoints_on_disk(trainer: L.Trainer) -> int:
+    """How many checkpoint files a fit may keep at once: every callback's top k, last.ckpt, and one being written."""
+    kept = 0
+    for callback in trainer.checkpoint_callbacks:
+        top_k = getattr(callback, "save_top_k", 1)
+        kept += top_k if top_k >= 0 else max(trainer.max_epochs or 0, 1)  # -1 keeps one per validation
+    return kept + 2
 
 
 def check_output_folder(folder: str | os.PathLike, needed_bytes: int = 0) -> None:
@@ -128,7 +136,7 @@ class Preflight(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        needed = CHECKPOINTS_ON_DISK * checkpoint_bytes(pl_module)
+        needed = checkpoints_on_disk(trainer) * checkpoint_bytes(pl_module)
         folders = {trainer.default_root_dir, trainer.log_dir}
         # A checkpoint callback without a dirpath writes under log_dir, checked above.
         folders |= {callback.dirpath for callback in trainer.checkpoint_callbacks if callback.dirpath}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
 from pathlib import Path
+
+from tokenizers import Tokenizer
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
@@ -23,12 +26,16 @@ from gru_nlp.callbacks import (
     ResumeCheckpoint,
     check_output_folder,
 )
-from gru_nlp.data import TextDataModule
+from gru_nlp.checkpoint import CHECKPOINT_KEY, CheckpointError, load_checkpoint
+from gru_nlp.data import DEFAULT_CACHE_DIR, TextDataModule
 from gru_nlp.lit import LitClassifier
+from gru_nlp.tokenizer import save_tokenizer
 
 # The exit status of a process ended by SIGTERM (128 + 15), as shells report it.
 SIGTERM_EXIT_STATUS = 143
 _LAST_CHECKPOINT = re.compile(r"last(-\d+)?\.ckpt")
+# Data settings that a resumed run may change: where files live, and how many workers read them.
+_SETTINGS_THAT_KEEP_A_RUN = {"cache_dir", "num_workers", "tokenizer_path"}
 
 
 class GruNlpCLI(LightningCLI):
@@ -57,10 +64,16 @@ class GruNlpCLI(LightningCLI):
         parser.add_lightning_class_args(ResumeCheckpoint, "autosave")
 
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        # A checkpoint's weights only mean something with the tokenizer they were trained
+        # with: use the one it carries rather than one trained (or cached) anew, whose ids
+        # may differ while its size still fits the weights.
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file() and config.data.tokenizer_path is None:
+            config.data.tokenizer_path = _checkpoint_tokenizer(ckpt_path, config.data.cache_dir)
         # Fail before the data is loaded and the tokenizer trained (minutes on IMDB), not after.
         if self.subcommand != "fit":
             return
-        config = self.config[self.subcommand]
         folders = [config.trainer.default_root_dir or os.getcwd(), config.checkpoint.dirpath, config.autosave.dirpath]
         for folder in filter(None, folders):
             check_output_folder(folder)
@@ -77,7 +90,7 @@ class GruNlpCLI(LightningCLI):
         # new version_N folder, so a plain `--ckpt_path last` would silently start afresh.
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") == "last":
-            found = self._newest_last_checkpoint()
+            found = self._last_checkpoint_of_this_run()
             if found is not None:
                 config["ckpt_path"] = found
                 rank_zero_info(f"Resuming from {found}")
@@ -86,8 +99,13 @@ class GruNlpCLI(LightningCLI):
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
         rank_zero_info(f"best checkpoint: {best or '(none saved)'}")
 
-    def _newest_last_checkpoint(self) -> str | None:
-        """The newest ``last.ckpt`` of any earlier version of this run, or None."""
+    def _last_checkpoint_of_this_run(self) -> str | None:
+        """The newest ``last.ckpt`` of an earlier version with this run's settings, or None.
+
+        Runs with other model or data settings (an ablation beside this one under the same
+        root folder) are passed over, with a line saying so: resuming them would continue
+        the wrong run, or fail on mismatched shapes.
+        """
         trainer = self.trainer
         folders = [Path(callback.dirpath) for callback in trainer.checkpoint_callbacks if callback.dirpath]
         logger = trainer.logger
@@ -96,7 +114,51 @@ class GruNlpCLI(LightningCLI):
         else:
             folders.append(Path(trainer.default_root_dir, "checkpoints"))
         found = [path for folder in folders for path in folder.glob("last*.ckpt") if _LAST_CHECKPOINT.fullmatch(path.name)]
-        return str(max(found, key=os.path.getmtime)) if found else None
+        ours = {
+            "model.": dict(self.model.hparams),
+            "data.": {k: v for k, v in self.datamodule.hparams.items() if k not in _SETTINGS_THAT_KEEP_A_RUN},
+        }
+        for path in sorted(found, key=os.path.getmtime, reverse=True):
+            checkpoint = load_checkpoint(path)
+            theirs = {
+                "model.": checkpoint["hyper_parameters"],
+                "data.": {
+                    k: v
+                    for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items()
+                    if k not in _SETTINGS_THAT_KEEP_A_RUN
+                },
+            }
+            changed = sorted(
+                f"{prefix}{name}"
+                for prefix in ours
+                for name in ours[prefix].keys() | theirs[prefix].keys()
+                if ours[prefix].get(name) != theirs[prefix].get(name)
+            )
+            if changed:
+                rank_zero_info(f"Not resuming {path}: it has other settings ({', '.join(changed)})")
+                continue
+            if checkpoint[CHECKPOINT_KEY]["tokenizer"] != self.datamodule.tokenizer.to_str():
+                raise CheckpointError(
+                    f"{path}: was trained with another tokenizer than this run's (the tokenizer cache "
+                    "was cleared, or the training data changed); resume it with --ckpt_path set to this "
+                    "file, which brings its own tokenizer"
+                )
+            return str(path)
+        return None
+
+
+def _checkpoint_tokenizer(ckpt_path: str, cache_dir: str | None) -> str:
+    """Write the tokenizer stored in a checkpoint to the tokenizer cache; return the file's path."""
+    text = load_checkpoint(ckpt_path)[CHECKPOINT_KEY]["tokenizer"]
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    path = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / "tokenizers" / f"checkpoint-{key}.json"
+    if not path.exists():
+        try:
+            tokenizer = Tokenizer.from_str(text)
+        except Exception as error:  # tokenizers raises its own Exception type for bad JSON
+            raise CheckpointError(f"{ckpt_path}: the stored tokenizer is corrupt and does not parse ({error})") from None
+        save_tokenizer(tokenizer, path)
+    return str(path)
 
 
 def run_cli(args: list[str] | None = None, **kwargs) -> GruNlpCLI:
@@ -104,7 +166,7 @@ def run_cli(args: list[str] | None = None, **kwargs) -> GruNlpCLI:
 
     ``args`` are the command-line arguments after the program name; None reads ``sys.argv``.
 
-    An unusable output folder exits with status 2 and a one-line message; a SIGTERM during
+    An unusable output folder or checkpoint exits with status 2 and a one-line message; a SIGTERM during
     ``fit`` exits with status 143 after `ResumeCheckpoint` saved ``last.ckpt``.
     """
     keep_freed_memory()
@@ -119,7 +181,7 @@ def run_cli(args: list[str] | None = None, **kwargs) -> GruNlpCLI:
             save_config_kwargs={"overwrite": True},
             **kwargs,
         )
-    except OutputFolderError as err:
+    except (OutputFolderError, CheckpointError) as err:
         print(f"gru-nlp: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except SIGTERMException:

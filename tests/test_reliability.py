@@ -21,7 +21,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from gru_nlp import callbacks as callbacks_module
-from gru_nlp.callbacks import AtomicCheckpointIO, OutputFolderError, Preflight, checkpoint_bytes
+from gru_nlp.callbacks import AtomicCheckpointIO, OutputFolderError, Preflight, checkpoint_bytes, checkpoints_on_disk
 from gru_nlp.lightning_cli import SIGTERM_EXIT_STATUS, run_cli
 from gru_nlp.lit import LitClassifier
 
@@ -97,6 +97,42 @@ def test_last_ckpt_is_the_last_state_not_the_best(tmp_path):
     cli = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "2", "--autosave.every_n_train_steps", "5"))
     (last,) = last_checkpoints(tmp_path)
     assert torch.load(last, weights_only=False)["global_step"] == cli.trainer.global_step == 2 * STEPS_PER_EPOCH
+
+
+def test_ckpt_path_last_passes_over_a_run_with_other_settings(tmp_path, caplog):
+    run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
+    (other,) = last_checkpoints(tmp_path)
+    with caplog.at_level("INFO"):
+        cli = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1", "--model.lr", "0.001", "--ckpt_path", "last"))
+    assert f"Not resuming {other}: it has other settings (model.lr)" in caplog.text
+    assert cli.trainer.ckpt_path != str(other)
+    assert cli.trainer.global_step == STEPS_PER_EPOCH  # trained afresh, not "finished" by the other run
+
+
+def test_resuming_a_checkpoint_trained_with_another_tokenizer_is_refused(tmp_path, capsys):
+    run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
+    (last,) = last_checkpoints(tmp_path)
+    checkpoint = torch.load(last, weights_only=False)
+    stored = checkpoint["gru_nlp"]["tokenizer"]
+    checkpoint["gru_nlp"]["tokenizer"] = stored.replace('"film"', '"flim"')
+    assert checkpoint["gru_nlp"]["tokenizer"] != stored
+    torch.save(checkpoint, last)  # as if the tokenizer cache had been cleared and retrained
+    with pytest.raises(SystemExit) as refused:
+        run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    assert refused.value.code == 2
+    assert f"{last}: was trained with another tokenizer" in capsys.readouterr().err
+
+
+def test_testing_a_checkpoint_uses_the_tokenizer_it_was_trained_with(tmp_path):
+    fit = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
+    best = fit.trainer.checkpoint_callback.best_model_path
+    stored = torch.load(best, weights_only=False)["gru_nlp"]["tokenizer"]
+    # Another cache and vocabulary size: without the checkpoint's tokenizer, a different one
+    # would be trained here, and the weights would read the wrong token ids (or not load).
+    test_args = tiny_args(tmp_path, "--data.vocab_size", "60", "--ckpt_path", best, cache=tmp_path / "other")
+    tested = run_cli(["test", *test_args[1:]])
+    assert tested.datamodule.tokenizer.to_str() == stored
+    assert "test/acc" in tested.trainer.callback_metrics
 
 
 # --- atomic checkpoint writes -------------------------------------------------------------------
@@ -201,6 +237,19 @@ def test_the_checkpoint_size_estimate_covers_a_real_checkpoint(tiny_checkpoint):
     checkpoint = torch.load(tiny_checkpoint, weights_only=False)
     lit = LitClassifier(**checkpoint["hyper_parameters"])
     assert tiny_checkpoint.stat().st_size <= checkpoint_bytes(lit)
+
+
+def test_the_checkpoint_size_estimate_covers_the_n_gram_bag_and_every_kept_file(tmp_path, monkeypatch):
+    bag = ("--model.ngram_buckets", "262144", "--model.ngram_features", "naive_bayes")
+    cli = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1", "--checkpoint.save_top_k", "-1", *bag))
+    (last,) = last_checkpoints(tmp_path)
+    bag_bytes = sum(b.numel() * b.element_size() for b in cli.model.buffers())
+    assert bag_bytes > 2**20  # the bag's log-count ratios are a large part of the file...
+    # ...and counted: with only the tiny run's tokenizer and settings as overhead, the estimate still covers it.
+    monkeypatch.setattr(callbacks_module, "CHECKPOINT_OVERHEAD_BYTES", 2**19)
+    assert last.stat().st_size <= checkpoint_bytes(cli.model)
+    cli.trainer.fit_loop.max_epochs = 4  # every epoch's best-k file (top k -1), last.ckpt, one being written
+    assert checkpoints_on_disk(cli.trainer) == 4 + 0 + 2
 
 
 # --- real processes killed mid-epoch, resumed, and compared ------------------------------------
