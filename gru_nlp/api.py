@@ -212,12 +212,17 @@ class TextClassifier:
         Raises:
             FileNotFoundError: no such file.
             gru_nlp.checkpoint.CheckpointError: the file is not a usable gru-nlp checkpoint.
-            ValueError: ``quantize=True`` with a non-CPU device.
+            ValueError: a device this machine does not have, or ``quantize=True`` with a
+                non-CPU device.
         """
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() and not quantize else "cpu"
         if quantize and torch.device(device).type != "cpu":
             raise ValueError(f"quantize=True runs on CPU only, got device={device!r}")
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as error:  # a bad name, or no such device in this torch
+            raise ValueError(f"device {device!r} is not usable here: {error}") from None
         model, tokenizer, labels, max_length, truncation = build_model(load_checkpoint(path), source=path)
         return cls(model, tokenizer, labels, max_length, truncation, device=device, quantize=quantize)
 
@@ -389,7 +394,8 @@ class TextClassifier:
             steps = INTEGRATED_GRADIENTS_STEPS
             scales = ((torch.arange(steps, device=self.device) + 0.5) / steps)[:, None, None]  # (S, 1, 1)
         path = (scales * embedded).requires_grad_(True)  # (S, T, E)
-        with torch.enable_grad():
+        # cuDNN's RNN backward runs in training mode only; the eval-mode GRU here needs the native kernel.
+        with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
             logits = _forward_from_embeddings(
                 self.model, input_ids.expand(len(scales), -1), lengths.expand(len(scales)), path
             ).logits  # (S, K)
