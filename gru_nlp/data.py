@@ -66,10 +66,11 @@ class TextDataModule(L.LightningDataModule):
     csv/json(l)/txt file that is not UTF-8 is an error naming its line. Duplicated
     rows are kept.
 
-    Labels: a `ClassLabel` column keeps its names; integer labels are ids into
-    `label_names` when given, else the sorted distinct values become the classes;
-    string labels become ids in the order of `label_names` when given, else in
-    sorted order.
+    Labels: a `ClassLabel` column keeps its names (`label_names` with the same
+    names puts them in its order; with none of them, renames the ids in order);
+    integer labels are ids into `label_names` when given, else the sorted
+    distinct values become the classes; string labels become ids in the order of
+    `label_names` when given, else in sorted order.
 
     Validation: `val_split` when given; else the source's `validation` split
     (unless it is the test split); else `val_size` of the training split, carved
@@ -638,7 +639,15 @@ def _label_ids(
         names = label_names or feature.names
         if len(names) != feature.num_classes:
             raise ValueError(f"label_names has {len(names)} names but {source} has {feature.num_classes} classes")
-        ids = {i: i for i in range(len(names))}
+        if set(names) == set(feature.names):  # the same classes, perhaps in another order
+            ids = {i: names.index(name) for i, name in enumerate(feature.names)}
+        elif set(names).isdisjoint(feature.names):  # new names for the classes, in id order
+            ids = {i: i for i in range(len(names))}
+        else:
+            raise ValueError(
+                f"label_names {list(names)} share some but not all of the class names {feature.names} of "
+                f"split {split!r} ({source}): give the same names (in any order) or all new ones"
+            )
     elif all(isinstance(label, str) for label in labels):
         names = label_names or sorted(set(labels))
         ids = {name: i for i, name in enumerate(names)}

@@ -248,6 +248,29 @@ def test_a_sentence_carve_through_the_data_module(tmp_path, tokenizer_path):
     assert not set(val_texts) & set(train_texts)
 
 
+def test_label_names_reorder_or_rename_a_class_label_column(tmp_path):
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    rows = [{"text": row["text"], "label": int(row["label"] == "pos")} for row in TRAIN]
+    path = tmp_path / "data" / "train.parquet"
+    path.parent.mkdir()
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
+
+    def labels_of(label_names: list[str]) -> tuple[list[str], list[tuple[str, int]]]:
+        dm = data_module(path, tmp_path, label_names=label_names, test_split=None, val_size=0.2)
+        train = dm._text_splits()["train"]
+        return dm.label_names, sorted({(text.split(" was ")[1].split(".")[0], label) for text, label in zip(train["text"], train["labels"])})
+
+    names, _ = labels_of(None)
+    assert names == ["neg", "pos"]
+    names, pairs = labels_of(["pos", "neg"])  # the same classes in another order: ids follow the names
+    assert names == ["pos", "neg"]
+    assert ("dull", 1) in pairs and ("superb", 0) in pairs
+    names, pairs = labels_of(["bad", "good"])  # new names: renamed in id order
+    assert names == ["bad", "good"] and ("dull", 0) in pairs
+    with pytest.raises(ValueError, match=r"share some but not all of the class names \['neg', 'pos'\]"):
+        labels_of(["neg", "good"])
+
+
 def test_val_size_can_be_a_count(tmp_path):
     dm = data_module(TINY, tmp_path, val_size=10, vocab_size=100)
     dm.setup("validate")
