@@ -164,7 +164,8 @@ def encode(
     tokenizer rebuilt from JSON elsewhere (a checkpoint) encodes the same.
 
     A text that encodes to nothing (empty, or only whitespace) becomes `[UNK_ID]`,
-    so that every sequence has length >= 1, as packed recurrent layers require.
+    so that every sequence has length >= 1: the GRU reads at least one step, and attention
+    pooling has at least one position to attend to.
 
     Args:
         tokenizer: A tokenizer from `train_tokenizer` or `load_tokenizer`.

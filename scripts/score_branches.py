@@ -30,6 +30,8 @@ def main() -> None:
     classifier = TextClassifier.from_checkpoint(args.ckpt, device="cpu")
     if classifier.model.ngrams is None:
         parser.error(f"{args.ckpt} has no n-gram bag (ngram_buckets was 0): there is only one side to score")
+    # The parquet stores class ids (IMDB: 0 = neg, 1 = pos), matched to the checkpoint's labels by position.
+    print(f"labels by id: {classifier.labels}")
     table = pq.read_table(args.data / "test.parquet", columns=["text", "label"])
     texts, labels = table.column("text").to_pylist(), torch.tensor(table.column("label").to_pylist())
 

@@ -7,8 +7,9 @@ movies in validation, where memorising their names and titles pays; a "tail" car
 as the test set does.
 
 This script measures both, cheaply: it trains the n-gram bag of `imdb.yaml` alone
-(`NgramBag`, naive_bayes features, no GRU), as `LitClassifier` would (AdamW, warm-up
-and cosine decay), at a few learning rates, and prints the validation accuracy under
+(`NgramBag`, naive_bayes features, no GRU) with `LitClassifier`'s optimiser (AdamW, warm-up
+and cosine decay; unlike a Lightning fit, every epoch sees the same batch order), at a few
+learning rates, and prints the validation accuracy under
 each carve beside the test accuracy, plus how much more neighbouring rows share
 capitalised names than random pairs do. A validation split that ranks the learning
 rates as the test set does is one to choose settings on.
