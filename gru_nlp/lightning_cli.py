@@ -64,7 +64,7 @@ class GruNlpCLI(LightningCLI):
         parser.add_lightning_class_args(ResumeCheckpoint, "autosave")
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config  # no subcommand with run=False
         # A checkpoint's weights only mean something with the tokenizer they were trained
         # with: use the one it carries rather than one trained (or cached) anew, whose ids
         # may differ while its size still fits the weights.

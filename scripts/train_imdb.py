@@ -26,19 +26,25 @@ from gru_nlp.lightning_cli import run_cli  # noqa: E402
 from gru_nlp.lit import LitClassifier  # noqa: E402
 
 
-class EpochEndTimes(L.Callback):
-    """Remembers the wall time, from the script's start, at which each epoch's checkpoint was written."""
+class EpochLog(L.Callback):
+    """Remembers each epoch's validation metrics and the wall time, from the script's start, of its checkpoint."""
 
     def __init__(self) -> None:
         self.minutes: dict[int, float] = {}
+        self.val: dict[int, dict[str, float]] = {}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            metrics = trainer.callback_metrics
+            self.val[trainer.current_epoch] = {name: float(metrics[name]) for name in ("val/acc", "val/loss")}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.minutes[trainer.current_epoch] = (time.perf_counter() - START) / 60
 
 
 def main(argv: list[str]) -> None:
-    times = EpochEndTimes()
-    cli = run_cli(["--config", "configs/imdb.yaml", "--checkpoint.save_top_k", "-1", *argv], extra_callbacks=[times], run=False)
+    epochs = EpochLog()
+    cli = run_cli(["--config", "configs/imdb.yaml", "--checkpoint.save_top_k", "-1", *argv], extra_callbacks=[epochs], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     fit_minutes = (time.perf_counter() - START) / 60
     checkpoint = cli.trainer.checkpoint_callback
@@ -53,7 +59,7 @@ def main(argv: list[str]) -> None:
     data = cli.datamodule
     data.setup("test")
     rows = []
-    for path, val_acc in sorted(checkpoint.best_k_models.items(), key=lambda item: str(item[0])):
+    for path in sorted(checkpoint.best_k_models, key=str):
         model = LitClassifier.load_from_checkpoint(path, map_location="cpu").eval()
         predictions, labels = [], []
         with torch.inference_mode():
@@ -63,14 +69,24 @@ def main(argv: list[str]) -> None:
         predictions, labels = torch.cat(predictions), torch.cat(labels)
         test_acc = (predictions == labels).float().mean().item()
         test_f1 = multiclass_f1_score(predictions, labels, model.hparams.num_classes, average="macro").item()
-        epoch = int(Path(path).name.removeprefix("epoch")[:2])
-        rows.append((epoch, times.minutes.get(epoch, float("nan")), float(val_acc), test_acc, test_f1))
+        epoch = _epoch_of(path)
+        val = epochs.val[epoch]
+        rows.append((epoch, epochs.minutes.get(epoch, float("nan")), val["val/acc"], val["val/loss"], test_acc, test_f1))
         print(f"scored epoch {epoch} on {len(labels)} test examples: acc {test_acc:.4f}", flush=True)
-    print(f"\n{'epoch':>5} {'minutes':>8} {'val/acc':>8} {'test/acc':>9} {'test/f1':>8}")
-    for epoch, minutes, val_acc, test_acc, test_f1 in rows:
-        print(f"{epoch:>5} {minutes:>8.1f} {val_acc:>8.4f} {test_acc:>9.4f} {test_f1:>8.4f}")
-    best = max(rows, key=lambda row: row[2])
-    print(f"\nbest by val/acc: epoch {best[0]}: test/acc {best[3]:.4f} (test/f1 {best[4]:.4f}), fit {fit_minutes:.1f} min")
+    print(f"\n{'epoch':>5} {'minutes':>8} {'val/acc':>8} {'val/loss':>9} {'test/acc':>9} {'test/f1':>8}")
+    for epoch, minutes, val_acc, val_loss, test_acc, test_f1 in rows:
+        print(f"{epoch:>5} {minutes:>8.1f} {val_acc:>8.4f} {val_loss:>9.6f} {test_acc:>9.4f} {test_f1:>8.4f}")
+    best_epoch = _epoch_of(checkpoint.best_model_path)
+    (best,) = [row for row in rows if row[0] == best_epoch]
+    print(
+        f"\nbest by {checkpoint.monitor}: epoch {best_epoch}: test/acc {best[4]:.4f} (test/f1 {best[5]:.4f}), "
+        f"fit {fit_minutes:.1f} min"
+    )
+
+
+def _epoch_of(checkpoint_path: str) -> int:
+    """The epoch of a checkpoint named by `checkpoint.filename` (``epoch03-...``)."""
+    return int(Path(checkpoint_path).name.removeprefix("epoch")[:2])
 
 
 if __name__ == "__main__":

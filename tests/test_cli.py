@@ -1,6 +1,7 @@
 """The gru-nlp command: shipped configs parse, fit -> test on the tiny config, and DDP on 2 CPU processes."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,19 @@ def test_ddp_on_two_cpu_processes_writes_a_loadable_checkpoint(tmp_path):
     prediction = TextClassifier.from_checkpoint(last, device="cpu").predict("a wonderful film")
     assert prediction.label in ("neg", "pos")
     torch.testing.assert_close(sum(prediction.probs.values()), 1.0, rtol=0, atol=1e-5)
+
+
+def test_train_imdb_script_scores_every_epoch_and_names_its_pick(tmp_path):
+    command = [
+        sys.executable, str(REPO / "scripts/train_imdb.py"), *tiny_args(tmp_path),
+        "--model.ngram_buckets", "4096", "--trainer.max_epochs", "2",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    header = lines.index(next(line for line in lines if line.split()[:1] == ["epoch"] and "test/acc" in line))
+    table = [line.split() for line in lines[header + 1 : header + 3]]
+    assert [row[0] for row in table] == ["0", "1"]
+    losses = {row[0]: float(row[3]) for row in table}
+    (picked,) = re.findall(r"best by val/loss: epoch (\d+): test/acc", result.stdout)
+    assert losses[picked] == min(losses.values())  # imdb.yaml keeps the lowest val/loss (printed to 6 places)
