@@ -8,14 +8,13 @@ import re
 import sys
 from pathlib import Path
 
-from tokenizers import Tokenizer
-
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from tokenizers import Tokenizer
 
 from gru_nlp.allocator import keep_freed_memory
 from gru_nlp.callbacks import (
