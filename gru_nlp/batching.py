@@ -57,10 +57,14 @@ class BucketBatchSampler(BatchSampler):
 
     Across `num_replicas` processes, every `num_replicas` neighbouring batches
     form one step and rank `r` takes the `r`-th batch of each step, so the ranks
-    wait little for each other. Every rank gets the same number of batches: the
-    last step is filled by repeating batches from the start of the epoch, or,
-    with `drop_last=True`, the batches that do not fill a step are dropped
-    (as `DistributedSampler` pads or trims samples).
+    wait little for each other. In training (`shuffle=True`) every rank gets the
+    same number of batches, as gradient syncing needs: the last step is filled by
+    repeating batches from the start of the epoch, or, with `drop_last=True`, the
+    batches that do not fill a step are dropped (as `DistributedSampler` pads or
+    trims samples). In evaluation (`shuffle=False`, `drop_last=False`) nothing is
+    repeated, so metrics count every example once: the ranks' batch counts differ
+    by at most one, unless there are fewer batches than ranks, when each rank gets
+    one and some are repeats.
 
     Args:
         lengths: The length of each example; the dataset's size is `len(lengths)`.
@@ -114,7 +118,14 @@ class BucketBatchSampler(BatchSampler):
         if self.drop_last:
             return num_examples // self.batch_size // replicas
         num_batches = -(-num_examples // self.batch_size)
-        return -(-num_batches // replicas)
+        if self._equal_ranks or num_batches < replicas:
+            return -(-num_batches // replicas)  # the same on every rank
+        return len(range(self.sampler.rank, num_batches, replicas))
+
+    @property
+    def _equal_ranks(self) -> bool:
+        """Whether every rank must get as many batches (training), or may get one fewer (evaluation)."""
+        return self.shuffle or self.drop_last
 
     def _all_batches(self) -> list[list[int]]:
         """The batches of every rank for this epoch, in step order."""
@@ -127,7 +138,7 @@ class BucketBatchSampler(BatchSampler):
             order = torch.arange(num_examples)
             pool = max(num_examples, 1)
         batches = []
-        for chunk in order.split(pool):
+        for chunk in order.split(pool) if num_examples else ():
             # stable, so equal lengths keep their (shuffled or original) order
             chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
             batches.extend(chunk.split(self.batch_size))
@@ -136,6 +147,10 @@ class BucketBatchSampler(BatchSampler):
             batches.pop()
 
         replicas = self.sampler.num_replicas
+        if not self._equal_ranks:
+            if len(batches) < replicas:
+                batches = list(islice(cycle(batches), replicas))  # one batch for every rank
+            return [batch.tolist() for batch in batches]
         num_batches = len(self) * replicas
         batches = list(islice(cycle(batches), num_batches))  # pads by repeating, or trims
         if self.shuffle:

@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
         return  # other DDP processes are done; the test set is scored once, in one process
 
     # Score each epoch's checkpoint on every test example exactly once: a plain loop over the
-    # test loader (a DDP test would pad the ranks' shares with repeated examples).
+    # test loader, in this one process.
     torch.set_num_threads(os.cpu_count() or 1)
     data = cli.datamodule
     data.setup("test")

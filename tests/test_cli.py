@@ -65,6 +65,7 @@ def test_ddp_on_two_cpu_processes_writes_a_loadable_checkpoint(tmp_path):
         "fit", *tiny_args(tmp_path),
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
         "--trainer.max_epochs", "2",
+        "--data.eval_batch_size", "5",  # 24 validation texts: 3 batches on one rank, 2 on the other
     )  # fmt: skip
     last = next((tmp_path / "run").rglob("last.ckpt"))
     checkpoint = load_checkpoint(last)
