@@ -217,11 +217,15 @@ class TextClassifier:
         """
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() and not quantize else "cpu"
-        if quantize and torch.device(device).type != "cpu":
+        try:
+            device_type = torch.device(device).type
+        except RuntimeError as error:  # not a device name ("gpu")
+            raise ValueError(f"device {device!r} is not usable here: {error}") from None
+        if quantize and device_type != "cpu":
             raise ValueError(f"quantize=True runs on CPU only, got device={device!r}")
         try:
             torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as error:  # a bad name, or no such device in this torch
+        except (RuntimeError, AssertionError) as error:  # no such device in this torch or on this machine
             raise ValueError(f"device {device!r} is not usable here: {error}") from None
         model, tokenizer, labels, max_length, truncation = build_model(load_checkpoint(path), source=path)
         return cls(model, tokenizer, labels, max_length, truncation, device=device, quantize=quantize)
@@ -395,6 +399,7 @@ class TextClassifier:
             scales = ((torch.arange(steps, device=self.device) + 0.5) / steps)[:, None, None]  # (S, 1, 1)
         path = (scales * embedded).requires_grad_(True)  # (S, T, E)
         # cuDNN's RNN backward runs in training mode only; the eval-mode GRU here needs the native kernel.
+        # The switch is process-wide while it lasts: other threads' CUDA forwards run without cuDNN meanwhile.
         with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
             logits = _forward_from_embeddings(
                 self.model, input_ids.expand(len(scales), -1), lengths.expand(len(scales)), path

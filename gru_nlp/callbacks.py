@@ -40,6 +40,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 CHECKPOINT_COPIES_OF_WEIGHTS = 3
 # Hyperparameters, the tokenizer and the loop state ride along; generous for a large vocabulary.
 CHECKPOINT_OVERHEAD_BYTES = 8 * 2**20
+# With save_top_k=-1, the free-space check counts one checkpoint per epoch up to this many.
+MOST_EPOCHS_COUNTED = 10
 
 
 class OutputFolderError(OSError):
@@ -82,11 +84,18 @@ def checkpoint_bytes(module: torch.nn.Module) -> int:
 
 
 def checkpoints_on_disk(trainer: L.Trainer) -> int:
-    """How many checkpoint files a fit may keep at once: every callback's top k, last.ckpt, and one being written."""
+    """How many checkpoint files a fit may keep at once: every callback's top k, last.ckpt, and one being written.
+
+    ``save_top_k=-1`` keeps one file per validation: counted as one per epoch, at most
+    ``MOST_EPOCHS_COUNTED`` (a run bounded by steps has ``max_epochs`` -1, and one bounded by
+    nothing Lightning's 1000), since this check is there to fail early on a disk that is
+    clearly too small, not to refuse a long run.
+    """
     kept = 0
     for callback in trainer.checkpoint_callbacks:
         top_k = getattr(callback, "save_top_k", 1)
-        kept += top_k if top_k >= 0 else max(trainer.max_epochs or 0, 1)  # -1 keeps one per validation
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else MOST_EPOCHS_COUNTED
+        kept += top_k if top_k >= 0 else min(epochs, MOST_EPOCHS_COUNTED)
     return kept + 2
 
 

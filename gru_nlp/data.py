@@ -39,6 +39,8 @@ DEFAULT_CACHE_DIR = "~/.cache/gru_nlp"
 # Bump when the tokenizer recipe in gru_nlp.tokenizer changes, so cached tokenizers are retrained.
 _TOKENIZER_CACHE_VERSION = 1
 _SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")  # train-00000-of-00002.parquet is a shard of "train"
+# `val_carve="sentences"` holds every run of words of the whole texts in memory: SST-2 has 5.5M.
+_MAX_WORD_RUNS = 50_000_000
 _HUB_ID = re.compile(r"^\w[\w.-]*(/\w[\w.-]*)?$")  # "org/name" or "name"
 # Which splits each Lightning stage encodes; "predict" serves the test split, else validation.
 _STAGE_ROLES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
@@ -421,6 +423,12 @@ def _sentence_rows(texts: list[str], labels: list[int], val_size: float, seed: i
     a training text (a common "the film") stays.
     """
     words = [text.split() for text in texts]
+    runs = sum(len(row) * (len(row) + 1) // 2 for row in words)
+    if runs > _MAX_WORD_RUNS:
+        raise ValueError(
+            f"val_carve 'sentences' compares every run of words in every text, {runs:,} here (at most "
+            f"{_MAX_WORD_RUNS:,}): it is meant for short phrase-level texts such as SST-2's; use 'random' or 'tail'."
+        )
     rows_by_whole: dict[str, list[int]] = {}  # whole text -> its rows
     covered: set[str] = set()  # every word run of the whole texts seen so far
     for row in sorted(range(len(texts)), key=lambda row: -len(words[row])):  # longest first

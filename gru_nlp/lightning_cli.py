@@ -7,6 +7,9 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
@@ -28,13 +31,14 @@ from gru_nlp.callbacks import (
 from gru_nlp.checkpoint import CHECKPOINT_KEY, CheckpointError, load_checkpoint
 from gru_nlp.data import DEFAULT_CACHE_DIR, TextDataModule
 from gru_nlp.lit import LitClassifier
-from gru_nlp.tokenizer import save_tokenizer
+from gru_nlp.tokenizer import load_tokenizer, save_tokenizer
 
 # The exit status of a process ended by SIGTERM (128 + 15), as shells report it.
 SIGTERM_EXIT_STATUS = 143
 _LAST_CHECKPOINT = re.compile(r"last(-\d+)?\.ckpt")
-# Data settings that a resumed run may change: where files live, and how many workers read them.
-_SETTINGS_THAT_KEEP_A_RUN = {"cache_dir", "num_workers", "tokenizer_path"}
+# Data settings that a resumed run may change: where files live, how many workers read them,
+# and the evaluation batch size; the tokenizer is compared by content.
+_SETTINGS_THAT_KEEP_A_RUN = {"cache_dir", "num_workers", "tokenizer_path", "eval_batch_size"}
 
 
 class GruNlpCLI(LightningCLI):
@@ -68,8 +72,16 @@ class GruNlpCLI(LightningCLI):
         # with: use the one it carries rather than one trained (or cached) anew, whose ids
         # may differ while its size still fits the weights.
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path and Path(ckpt_path).is_file() and config.data.tokenizer_path is None:
-            config.data.tokenizer_path = _checkpoint_tokenizer(ckpt_path, config.data.cache_dir)
+        if ckpt_path and Path(ckpt_path).is_file():
+            stored = _checkpoint_tokenizer(ckpt_path, config.data.cache_dir)
+            given = config.data.tokenizer_path
+            if given is None:
+                config.data.tokenizer_path = stored
+            elif load_tokenizer(given).to_str() != load_tokenizer(stored).to_str():
+                raise CheckpointError(
+                    f"{ckpt_path}: was trained with another tokenizer than --data.tokenizer_path {given}; "
+                    "leave --data.tokenizer_path out to use the checkpoint's own"
+                )
         # Fail before the data is loaded and the tokenizer trained (minutes on IMDB), not after.
         if self.subcommand != "fit":
             return
@@ -99,11 +111,16 @@ class GruNlpCLI(LightningCLI):
         rank_zero_info(f"best checkpoint: {best or '(none saved)'}")
 
     def _last_checkpoint_of_this_run(self) -> str | None:
-        """The newest ``last.ckpt`` of an earlier version with this run's settings, or None.
+        """The newest ``last.ckpt`` of an earlier version with this run's settings, or None if there is none.
 
-        Runs with other model or data settings (an ablation beside this one under the same
-        root folder) are passed over, with a line saying so: resuming them would continue
-        the wrong run, or fail on mismatched shapes.
+        Runs with another seed or other model or data settings (an ablation beside this one
+        under the same root folder) are passed over, with a line saying so: resuming them
+        would continue the wrong run. If every ``last.ckpt`` found is such a run, that is an
+        error naming the newest and what differs, rather than a silent fresh start.
+
+        Raises:
+            CheckpointError: no match among the checkpoints found; or the match was trained
+                with another tokenizer than the cached one this run has.
         """
         trainer = self.trainer
         folders = [Path(callback.dirpath) for callback in trainer.checkpoint_callbacks if callback.dirpath]
@@ -113,36 +130,55 @@ class GruNlpCLI(LightningCLI):
         else:
             folders.append(Path(trainer.default_root_dir, "checkpoints"))
         found = [path for folder in folders for path in folder.glob("last*.ckpt") if _LAST_CHECKPOINT.fullmatch(path.name)]
-        ours = {
-            "model.": dict(self.model.hparams),
-            "data.": {k: v for k, v in self.datamodule.hparams.items() if k not in _SETTINGS_THAT_KEEP_A_RUN},
-        }
+        ours = _run_settings(self.model.hparams, self.datamodule.hparams, self.config[self.subcommand].seed_everything)
+        skipped = []
         for path in sorted(found, key=os.path.getmtime, reverse=True):
-            checkpoint = load_checkpoint(path)
-            theirs = {
-                "model.": checkpoint["hyper_parameters"],
-                "data.": {
-                    k: v
-                    for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items()
-                    if k not in _SETTINGS_THAT_KEEP_A_RUN
-                },
-            }
-            changed = sorted(
-                f"{prefix}{name}"
-                for prefix in ours
-                for name in ours[prefix].keys() | theirs[prefix].keys()
-                if ours[prefix].get(name) != theirs[prefix].get(name)
-            )
-            if changed:
-                rank_zero_info(f"Not resuming {path}: it has other settings ({', '.join(changed)})")
+            try:
+                checkpoint = load_checkpoint(path)
+            except (CheckpointError, FileNotFoundError) as error:
+                rank_zero_info(f"Not resuming {path}: {error}")
                 continue
+            theirs = _run_settings(
+                checkpoint["hyper_parameters"], checkpoint.get("datamodule_hyper_parameters", {}), _saved_seed(path)
+            )
+            changed = sorted(name for name in ours.keys() | theirs.keys() if ours.get(name) != theirs.get(name))
             if checkpoint[CHECKPOINT_KEY]["tokenizer"] != self.datamodule.tokenizer.to_str():
-                raise CheckpointError(
-                    f"{path}: was trained with another tokenizer than this run's (the tokenizer cache "
-                    "was cleared, or the training data changed); resume it with --ckpt_path set to this "
-                    "file, which brings its own tokenizer"
-                )
-            return str(path)
+                if self.datamodule.hparams.tokenizer_path is None and not changed:
+                    raise CheckpointError(
+                        f"{path}: was trained with another tokenizer than this run's (the tokenizer cache "
+                        "was cleared, or the training data changed); resume it with --ckpt_path set to "
+                        "this file, which brings its own tokenizer"
+                    )
+                changed.append("the tokenizer")
+            if not changed:
+                return str(path)
+            rank_zero_info(f"Not resuming {path}: it has other settings ({', '.join(changed)})")
+            skipped.append((path, changed))
+        if skipped:
+            path, changed = skipped[0]
+            raise CheckpointError(
+                f"--ckpt_path last: no last.ckpt under {trainer.default_root_dir} has this run's settings; "
+                f"the newest, {path}, differs in {', '.join(changed)}. Pass --ckpt_path {path} to resume "
+                "it anyway, or leave out --ckpt_path to start afresh"
+            )
+        return None
+
+
+def _run_settings(model_hparams: dict, data_hparams: dict, seed: Any) -> dict[str, Any]:
+    """What makes two fits the same run, by CLI name: the seed, and the model and data settings."""
+    settings = {f"model.{name}": value for name, value in model_hparams.items()}
+    settings.update({f"data.{name}": value for name, value in data_hparams.items() if name not in _SETTINGS_THAT_KEEP_A_RUN})
+    if seed is not None:
+        settings["seed_everything"] = seed
+    return settings
+
+
+def _saved_seed(checkpoint_path: Path) -> Any:
+    """The seed in the config.yaml LightningCLI saved beside a checkpoint's run, or None if there is none."""
+    config = checkpoint_path.parent.parent / "config.yaml"
+    try:
+        return yaml.safe_load(config.read_text()).get("seed_everything")
+    except (OSError, yaml.YAMLError, AttributeError):
         return None
 
 

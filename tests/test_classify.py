@@ -84,8 +84,9 @@ def test_explain_adds_word_weights(tiny_checkpoint, capsys):
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_write(tmp / "t.jsonl", '{"body": "x"}\n'))], "no field 'text'"),
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--batch-size", "0", "x"], "batch-size"),
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--device", "gpu", "x"], "device 'gpu' is not usable here"),
+        (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--device", "gpu", "--quantize", "x"], "device 'gpu' is not usable"),
     ],
-    ids=["missing-ckpt", "bad-ckpt", "missing-input", "csv-column", "jsonl-field", "batch-size", "device"],
+    ids=["missing-ckpt", "bad-ckpt", "missing-input", "csv-column", "jsonl-field", "batch-size", "device", "device-int8"],
 )
 def test_errors_exit_2_with_one_line(tiny_checkpoint, capsys, tmp_path, setup, message):
     code, records, err = run(capsys, setup(tmp_path, tiny_checkpoint))

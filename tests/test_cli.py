@@ -66,10 +66,12 @@ def test_ddp_on_two_cpu_processes_writes_a_loadable_checkpoint(tmp_path):
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
         "--trainer.max_epochs", "2",
         "--data.eval_batch_size", "5",  # 24 validation texts: 3 batches on one rank, 2 on the other
+        "--model.ngram_buckets", "4096",  # side weights fitted on all ranks' validation logits
     )  # fmt: skip
     last = next((tmp_path / "run").rglob("last.ckpt"))
     checkpoint = load_checkpoint(last)
     assert checkpoint["global_step"] > 0
+    assert checkpoint["state_dict"]["model.side_weights"].tolist() != [1.0, 1.0]  # fitted across both processes
     from gru_nlp import TextClassifier
 
     prediction = TextClassifier.from_checkpoint(last, device="cpu").predict("a wonderful film")

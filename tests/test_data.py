@@ -236,6 +236,14 @@ def test_a_sentence_carve_keeps_the_phrases_of_validation_sentences_out_of_train
     assert _sentence_rows(texts, labels, val_size=0.4, seed=0) == ([0, 1, 2, 3, 7, 8], [4, 9, 11])
 
 
+def test_a_sentence_carve_refuses_long_texts(tmp_path, monkeypatch):
+    monkeypatch.setattr("gru_nlp.data._MAX_WORD_RUNS", 100)
+    long_text = " ".join(["word"] * 20)  # 210 runs of words
+    path = write(tmp_path / "data" / "train.jsonl", [{"text": long_text, "label": "pos"}] + TRAIN)
+    with pytest.raises(ValueError, match=r"cannot carve .*train.jsonl.*compares every run of words"):
+        data_module(path, tmp_path, val_carve="sentences", test_split=None).num_classes
+
+
 def test_a_sentence_carve_through_the_data_module(tmp_path, tokenizer_path):
     rows = [{"text": text, "label": label} for text, label in PHRASES]
     path = write(tmp_path / "data" / "train.parquet", rows)

@@ -100,13 +100,23 @@ def test_last_ckpt_is_the_last_state_not_the_best(tmp_path):
 
 
 def test_ckpt_path_last_passes_over_a_run_with_other_settings(tmp_path, caplog):
+    run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1", "--model.lr", "0.001"))
+    run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))  # an ablation beside it, saved later
+    ours, other = last_checkpoints(tmp_path)  # version_0, version_1
+    with caplog.at_level("INFO"):
+        cli = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "2", "--model.lr", "0.001", "--ckpt_path", "last"))
+    assert f"Not resuming {other}: it has other settings (model.lr)" in caplog.text
+    assert cli.trainer.ckpt_path == str(ours)
+    assert cli.trainer.global_step == 2 * STEPS_PER_EPOCH  # one epoch resumed, one trained
+
+
+def test_ckpt_path_last_with_only_other_runs_is_an_error_naming_them(tmp_path, capsys):
     run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
     (other,) = last_checkpoints(tmp_path)
-    with caplog.at_level("INFO"):
-        cli = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1", "--model.lr", "0.001", "--ckpt_path", "last"))
-    assert f"Not resuming {other}: it has other settings (model.lr)" in caplog.text
-    assert cli.trainer.ckpt_path != str(other)
-    assert cli.trainer.global_step == STEPS_PER_EPOCH  # trained afresh, not "finished" by the other run
+    with pytest.raises(SystemExit) as refused:
+        run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "2", "--seed_everything", "1", "--ckpt_path", "last"))
+    assert refused.value.code == 2
+    assert f"the newest, {other}, differs in seed_everything" in capsys.readouterr().err
 
 
 def test_resuming_a_checkpoint_trained_with_another_tokenizer_is_refused(tmp_path, capsys):
@@ -123,7 +133,7 @@ def test_resuming_a_checkpoint_trained_with_another_tokenizer_is_refused(tmp_pat
     assert f"{last}: was trained with another tokenizer" in capsys.readouterr().err
 
 
-def test_testing_a_checkpoint_uses_the_tokenizer_it_was_trained_with(tmp_path):
+def test_testing_a_checkpoint_uses_the_tokenizer_it_was_trained_with(tmp_path, capsys):
     fit = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
     best = fit.trainer.checkpoint_callback.best_model_path
     stored = torch.load(best, weights_only=False)["gru_nlp"]["tokenizer"]
@@ -133,6 +143,13 @@ def test_testing_a_checkpoint_uses_the_tokenizer_it_was_trained_with(tmp_path):
     tested = run_cli(["test", *test_args[1:]])
     assert tested.datamodule.tokenizer.to_str() == stored
     assert "test/acc" in tested.trainer.callback_metrics
+    # A tokenizer given explicitly must be the checkpoint's own.
+    other = tmp_path / "other.json"
+    other.write_text(stored.replace('"film"', '"flim"'))
+    with pytest.raises(SystemExit) as refused:
+        run_cli(["test", *test_args[1:], "--data.tokenizer_path", str(other)])
+    assert refused.value.code == 2
+    assert f"{best}: was trained with another tokenizer than --data.tokenizer_path {other}" in capsys.readouterr().err
 
 
 # --- atomic checkpoint writes -------------------------------------------------------------------
@@ -250,6 +267,8 @@ def test_the_checkpoint_size_estimate_covers_the_n_gram_bag_and_every_kept_file(
     assert last.stat().st_size <= checkpoint_bytes(cli.model)
     cli.trainer.fit_loop.max_epochs = 4  # every epoch's best-k file (top k -1), last.ckpt, one being written
     assert checkpoints_on_disk(cli.trainer) == 4 + 0 + 2
+    cli.trainer.fit_loop.max_epochs = 1000  # Lightning's default when nothing bounds the run: capped
+    assert checkpoints_on_disk(cli.trainer) == 10 + 0 + 2
 
 
 # --- real processes killed mid-epoch, resumed, and compared ------------------------------------
