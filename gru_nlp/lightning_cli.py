@@ -141,7 +141,10 @@ class GruNlpCLI(LightningCLI):
             theirs = _run_settings(
                 checkpoint["hyper_parameters"], checkpoint.get("datamodule_hyper_parameters", {}), _saved_seed(path)
             )
-            changed = sorted(name for name in ours.keys() | theirs.keys() if ours.get(name) != theirs.get(name))
+            names = ours.keys() | theirs.keys()
+            if "seed_everything" not in theirs:  # no config.yaml beside it: the seed is unknown, not different
+                names.discard("seed_everything")
+            changed = sorted(name for name in names if ours.get(name) != theirs.get(name))
             if checkpoint[CHECKPOINT_KEY]["tokenizer"] != self.datamodule.tokenizer.to_str():
                 if self.datamodule.hparams.tokenizer_path is None and not changed:
                     raise CheckpointError(

@@ -119,6 +119,14 @@ def test_ckpt_path_last_with_only_other_runs_is_an_error_naming_them(tmp_path, c
     assert f"the newest, {other}, differs in seed_everything" in capsys.readouterr().err
 
 
+def test_ckpt_path_last_resumes_a_run_whose_config_yaml_is_gone(tmp_path):
+    run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
+    (last,) = last_checkpoints(tmp_path)
+    (last.parent.parent / "config.yaml").unlink()  # the seed is then unknown, which is not a difference
+    cli = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    assert cli.trainer.ckpt_path == str(last) and cli.trainer.global_step == 2 * STEPS_PER_EPOCH
+
+
 def test_resuming_a_checkpoint_trained_with_another_tokenizer_is_refused(tmp_path, capsys):
     run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
     (last,) = last_checkpoints(tmp_path)
