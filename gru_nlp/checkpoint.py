@@ -130,10 +130,7 @@ def build_model(
     """
     path = source
     hparams, extras = checkpoint["hyper_parameters"], checkpoint[CHECKPOINT_KEY]
-    try:
-        tokenizer = Tokenizer.from_str(extras["tokenizer"])
-    except Exception as error:  # tokenizers raises its own Exception type for bad JSON
-        raise CheckpointError(f"{path}: the stored tokenizer is corrupt and does not parse ({error})") from None
+    tokenizer = stored_tokenizer(checkpoint, source)
     # encode truncates and the classifier pads; settings saved in the JSON would interfere.
     tokenizer.no_padding()
     tokenizer.no_truncation()
@@ -159,6 +156,18 @@ def build_model(
         raise CheckpointError(f"{path}: the weights do not fit the model described by hyper_parameters: {detail}") from None
     model.eval()
     return model, tokenizer, list(extras["label_names"]), extras["max_length"], extras["truncation"]
+
+
+def stored_tokenizer(checkpoint: dict[str, Any], source: str | Path = "checkpoint") -> Tokenizer:
+    """The tokenizer saved in a checkpoint loaded by ``load_checkpoint``.
+
+    Raises:
+        CheckpointError: its JSON does not parse (named by ``source``, usually the path).
+    """
+    try:
+        return Tokenizer.from_str(checkpoint[CHECKPOINT_KEY]["tokenizer"])
+    except Exception as error:  # tokenizers raises its own Exception type for bad JSON
+        raise CheckpointError(f"{source}: the stored tokenizer is corrupt and does not parse ({error})") from None
 
 
 def _safe_torch_load(path: Path) -> Any:

@@ -17,7 +17,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from tokenizers import Tokenizer
 
 from gru_nlp.allocator import keep_freed_memory
 from gru_nlp.callbacks import (
@@ -28,7 +27,7 @@ from gru_nlp.callbacks import (
     ResumeCheckpoint,
     check_output_folder,
 )
-from gru_nlp.checkpoint import CHECKPOINT_KEY, CheckpointError, load_checkpoint
+from gru_nlp.checkpoint import CHECKPOINT_KEY, CheckpointError, load_checkpoint, stored_tokenizer
 from gru_nlp.data import DEFAULT_CACHE_DIR, TextDataModule
 from gru_nlp.lit import LitClassifier
 from gru_nlp.tokenizer import load_tokenizer, save_tokenizer
@@ -187,15 +186,11 @@ def _saved_seed(checkpoint_path: Path) -> Any:
 
 def _checkpoint_tokenizer(ckpt_path: str, cache_dir: str | None) -> str:
     """Write the tokenizer stored in a checkpoint to the tokenizer cache; return the file's path."""
-    text = load_checkpoint(ckpt_path)[CHECKPOINT_KEY]["tokenizer"]
-    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    checkpoint = load_checkpoint(ckpt_path)
+    key = hashlib.sha256(checkpoint[CHECKPOINT_KEY]["tokenizer"].encode()).hexdigest()[:16]
     path = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / "tokenizers" / f"checkpoint-{key}.json"
     if not path.exists():
-        try:
-            tokenizer = Tokenizer.from_str(text)
-        except Exception as error:  # tokenizers raises its own Exception type for bad JSON
-            raise CheckpointError(f"{ckpt_path}: the stored tokenizer is corrupt and does not parse ({error})") from None
-        save_tokenizer(tokenizer, path)
+        save_tokenizer(stored_tokenizer(checkpoint, ckpt_path), path)
     return str(path)
 
 
