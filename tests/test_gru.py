@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from gru_nlp import gru as gru_module
 from gru_nlp.gru import PaddingSafeGRU
 
 BATCH, STEPS, INPUT, HIDDEN = 3, 7, 8, 6
@@ -20,11 +21,13 @@ def make_pair(num_layers: int, bidirectional: bool, fused: bool = True, dtype=to
     return gru, reference
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, False, "chunked"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("num_layers", [1, 2])
-def test_matches_nn_gru_per_sequence(num_layers: int, bidirectional: bool, fused: bool) -> None:
-    gru, reference = make_pair(num_layers, bidirectional, fused)
+def test_matches_nn_gru_per_sequence(num_layers: int, bidirectional: bool, fused: bool | str, monkeypatch) -> None:
+    if fused == "chunked":  # the input projection in chunks of 2 steps (2, 2, 2, 1), not all at once
+        monkeypatch.setattr(gru_module, "_PROJECTION_ROWS", 2 * BATCH)
+    gru, reference = make_pair(num_layers, bidirectional, fused=bool(fused))
     x = torch.randn(BATCH, STEPS, INPUT, requires_grad=True)
     x_reference = x.detach().clone().requires_grad_(True)
     output = gru(x, LENGTHS)
@@ -45,6 +48,21 @@ def test_matches_nn_gru_per_sequence(num_layers: int, bidirectional: bool, fused
     reference_params = dict(reference.named_parameters())
     for name, param in gru.named_parameters():
         torch.testing.assert_close(param.grad, reference_params[name].grad, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+def test_inference_path_matches_nn_gru(no_grad, monkeypatch) -> None:
+    """Without gradients the fused GRU runs its loop alone (no saved factors): same outputs."""
+    monkeypatch.setattr(gru_module, "_PROJECTION_ROWS", 2 * BATCH)
+    gru, reference = make_pair(2, True)
+    x = torch.randn(BATCH, STEPS, INPUT)
+    with no_grad():
+        output = gru(x, LENGTHS)
+        for b, length in enumerate(LENGTHS.tolist()):
+            expected, _ = reference(x[b : b + 1, :length])
+            torch.testing.assert_close(output[b : b + 1, :length], expected, atol=1e-5, rtol=0)
+            assert (output[b, length:] == 0).all()
+    torch.testing.assert_close(output, gru(x, LENGTHS).detach(), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("fused", [True, False])
