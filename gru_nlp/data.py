@@ -46,6 +46,18 @@ _HUB_ID = re.compile(r"^\w[\w.-]*(/\w[\w.-]*)?$")  # "org/name" or "name"
 _STAGE_ROLES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
 
+class DataError(ValueError):
+    """Data or data settings that cannot be used as given; the message names the file, split, column or label."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A data file or folder, or a tokenizer file, that does not exist."""
+
+
+class HubUnreachableError(DataError, ConnectionError):
+    """A Hub dataset that cannot be downloaded, with no local file of that name."""
+
+
 class TextDataModule(L.LightningDataModule):
     """Text classification data: sources, labels, tokenizer and bucketed batches.
 
@@ -157,13 +169,13 @@ class TextDataModule(L.LightningDataModule):
         super().__init__()
         for arg, value in (("val_size", val_size), ("max_length", max_length), ("batch_size", batch_size)):
             if value <= 0:
-                raise ValueError(f"{arg} must be positive, got {value}")
+                raise DataError(f"{arg} must be positive, got {value}")
         if eval_batch_size is not None and eval_batch_size <= 0:
-            raise ValueError(f"eval_batch_size must be positive, got {eval_batch_size}")
+            raise DataError(f"eval_batch_size must be positive, got {eval_batch_size}")
         if val_size >= 1 and not float(val_size).is_integer():
-            raise ValueError(f"val_size must be a fraction below 1 or a whole count, got {val_size}")
+            raise DataError(f"val_size must be a fraction below 1 or a whole count, got {val_size}")
         if val_carve not in ("random", "tail", "sentences"):
-            raise ValueError(f"val_carve must be 'random', 'tail' or 'sentences', got {val_carve!r}")
+            raise DataError(f"val_carve must be 'random', 'tail' or 'sentences', got {val_carve!r}")
         # The properties vocab_size and label_names give what the data turned out to
         # have, and LightningCLI links them into the model's hparams; Lightning refuses to
         # log one key with two values, so the requests stay out of this module's hparams.
@@ -180,7 +192,12 @@ class TextDataModule(L.LightningDataModule):
         """The tokenizer: loaded from `tokenizer_path`, or trained on the training split."""
         if self._tokenizer is None:
             if self.hparams.tokenizer_path is not None:
-                self._tokenizer = load_tokenizer(self.hparams.tokenizer_path)
+                try:
+                    self._tokenizer = load_tokenizer(self.hparams.tokenizer_path)
+                except FileNotFoundError as err:
+                    raise DataNotFoundError(f"tokenizer_path: {err}") from None
+                except ValueError as err:
+                    raise DataError(f"tokenizer_path: {err}") from None
             else:
                 self._tokenizer = self._cached_trained_tokenizer(self._text_splits()["train"])
         return self._tokenizer
@@ -258,7 +275,7 @@ class TextDataModule(L.LightningDataModule):
         if role == "predict":
             role = "test" if "test" in splits else "val"
         if role not in splits:
-            raise ValueError(f"there is no {role} split: set test_split to a split of {self.hparams.path}")
+            raise DataError(f"there is no {role} split: set test_split to a split of {self.hparams.path}")
         if role not in self._encoded:
             # datasets fingerprints the function and fn_kwargs (the tokenizer hashes by
             # its JSON), so the same data and tokenizer hit the cache in a later run.
@@ -286,7 +303,7 @@ class TextDataModule(L.LightningDataModule):
         for arg in ("train_split", "val_split", "test_split"):
             split = hp[arg]
             if split is not None and split not in raw:
-                raise ValueError(
+                raise DataError(
                     f"{arg}={split!r} is not a split of {hp.path} (it has {', '.join(sorted(sources)) or 'none'}): "
                     f"set {arg} to one of them" + ("" if arg == "train_split" else " or to null")
                 )
@@ -300,7 +317,7 @@ class TextDataModule(L.LightningDataModule):
             if split is None:
                 continue
             dataset = raw[split]
-            _check_columns(dataset, [hp.text_field, hp.label_field], split, sources[split])
+            _check_columns(dataset, hp.text_field, hp.label_field, split, sources[split])
             kept, labels = _usable_rows(dataset, hp.text_field, hp.label_field, split, sources[split])
             rows[role] = (dataset, kept, labels)
 
@@ -352,7 +369,7 @@ class TextDataModule(L.LightningDataModule):
                     len(train) - len(train_rows) - len(val_rows),
                 )
         except ValueError as err:  # e.g. a class with one example cannot be on both sides
-            raise ValueError(
+            raise DataError(
                 f"cannot carve a stratified validation split (val_size={hp.val_size}) from split "
                 f"{hp.train_split!r} of {source}: {err} Set val_split, or a val_size "
                 "that leaves examples of every class on both sides."
@@ -407,7 +424,7 @@ def _tail_rows(labels: list[int], val_size: float) -> tuple[list[int], list[int]
         counts[label] += 1
     for label, rows in rows_by_class.items():
         if not 0 < counts[label] < len(rows):
-            raise ValueError(f"class {label} has {len(rows)} rows, so its share of validation would be {counts[label]}.")
+            raise DataError(f"class {label} has {len(rows)} rows, so its share of validation would be {counts[label]}.")
     val_rows = sorted(row for label, rows in rows_by_class.items() for row in rows[len(rows) - counts[label] :])
     val_set = set(val_rows)
     return [row for row in range(len(labels)) if row not in val_set], val_rows
@@ -425,7 +442,7 @@ def _sentence_rows(texts: list[str], labels: list[int], val_size: float, seed: i
     words = [text.split() for text in texts]
     runs = sum(len(row) * (len(row) + 1) // 2 for row in words)
     if runs > _MAX_WORD_RUNS:
-        raise ValueError(
+        raise DataError(
             f"val_carve 'sentences' compares every run of words in every text, {runs:,} here (at most "
             f"{_MAX_WORD_RUNS:,}): it is meant for short phrase-level texts such as SST-2's; use 'random' or 'tail'."
         )
@@ -474,11 +491,11 @@ def _load_raw_splits(
             return _load_acl_imdb(imdb_root, wanted, cache_dir)
         return _load_data_files(local, wanted, cache_dir)
     if not _HUB_ID.match(path) or Path(path).suffix.lower() in DATA_EXTENSIONS:
-        raise FileNotFoundError(f"no such file or folder: {local}")
+        raise DataNotFoundError(f"no such file or folder: {local}")
     try:
         loaded = datasets.load_dataset(path, name, cache_dir=cache_dir)
     except ConnectionError as err:
-        raise ConnectionError(
+        raise HubUnreachableError(
             f"Could not reach the Hugging Face Hub to load {path!r} ({err}), and there is no local "
             f"file or folder called {path!r}. Without the Hub, set `path` to a local folder of "
             "parquet/csv/json/jsonl files named by split (train.parquet, test.parquet, ...), to a "
@@ -492,11 +509,11 @@ def _split_files(path: Path) -> dict[str, list[Path]]:
     """The data files of each split in a data file or folder."""
     if path.is_file():
         if path.suffix.lower() not in DATA_EXTENSIONS:
-            raise ValueError(f"{path} is not a {'/'.join(DATA_EXTENSIONS)} file")
+            raise DataError(f"{path} is not a {'/'.join(DATA_EXTENSIONS)} file")
         return {"train": [path]}
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in DATA_EXTENSIONS and p.is_file())
     if not files:
-        raise FileNotFoundError(f"no {', '.join(DATA_EXTENSIONS)} files in {path}")
+        raise DataNotFoundError(f"no {', '.join(DATA_EXTENSIONS)} files in {path}")
     splits: dict[str, list[Path]] = defaultdict(list)
     stems: dict[str, set[str]] = defaultdict(set)
     for file in files:
@@ -505,7 +522,7 @@ def _split_files(path: Path) -> dict[str, list[Path]]:
         splits[split].append(file)
         stems[split].add(stem)
         if len(stems[split]) > 1:
-            raise ValueError(f"{path} has several files for split {split!r}: {', '.join(map(str, splits[split]))}")
+            raise DataError(f"{path} has several files for split {split!r}: {', '.join(map(str, splits[split]))}")
     return dict(splits)
 
 
@@ -520,11 +537,11 @@ def _load_data_files(path: Path, wanted: Collection[str], cache_dir: str | None)
     files = [file for split_files in data_files.values() for file in split_files]
     builders = {DATA_EXTENSIONS[file.suffix.lower()] for file in files}
     if len(builders) > 1:
-        raise ValueError(f"{', '.join(map(str, files))} mix {' and '.join(sorted(builders))} files: use one format")
+        raise DataError(f"{', '.join(map(str, files))} mix {' and '.join(sorted(builders))} files: use one format")
     builder = builders.pop()
     for file in files:
         if file.stat().st_size == 0:
-            raise ValueError(f"{file} is empty")
+            raise DataError(f"{file} is empty")
         if builder != "parquet":
             # pyarrow's JSON reader keeps invalid UTF-8 in string columns, to fail later deep in to_pylist.
             _check_utf8(file)
@@ -539,7 +556,7 @@ def _load_data_files(path: Path, wanted: Collection[str], cache_dir: str | None)
         )
     except Exception as err:  # datasets raises anything from StopIteration to ArrowInvalid here
         detail = err.__cause__ or err  # DatasetGenerationError says only "An error occurred"
-        raise ValueError(f"could not read {', '.join(map(str, files))} as {builder}: {detail}") from err
+        raise DataError(f"could not read {', '.join(map(str, files))} as {builder}: {detail}") from err
     return dict(loaded), sources
 
 
@@ -564,7 +581,7 @@ def _load_acl_imdb(root: Path, wanted: Collection[str], cache_dir: str | None) -
             )
         except datasets.exceptions.DatasetGenerationError as err:
             # datasets wraps what the generator raised; the cause names the file.
-            raise ValueError(f"could not read {root / split}: {err.__cause__ or err}") from err
+            raise DataError(f"could not read {root / split}: {err.__cause__ or err}") from err
     return loaded, sources
 
 
@@ -575,7 +592,7 @@ def _read_acl_imdb(files: list[str], stats: list[tuple[int, int]]) -> Iterator[d
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise ValueError(_utf8_error(Path(file), data, err)) from None
+            raise DataError(_utf8_error(Path(file), data, err)) from None
         yield {"text": text, "label": Path(file).parent.name}
 
 
@@ -585,7 +602,7 @@ def _check_utf8(path: Path) -> None:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(_utf8_error(path, data, err)) from None
+        raise DataError(_utf8_error(path, data, err)) from None
 
 
 def _utf8_error(path: Path, data: bytes, err: UnicodeDecodeError) -> str:
@@ -607,13 +624,36 @@ def _column(dataset: Dataset, name: str) -> list:
     return dataset.with_format("arrow")[name].to_pylist()
 
 
-def _check_columns(dataset: Dataset, columns: list[str], split: str, source: str) -> None:
-    for column in columns:
+def _check_columns(dataset: Dataset, text_field: str, label_field: str, split: str, source: str) -> None:
+    """The text and label columns exist and hold one kind of value each."""
+    for column in (text_field, label_field):
         if column not in dataset.column_names:
-            raise ValueError(
+            raise DataError(
                 f"column {column!r} not found in split {split!r} of {source}; it has columns "
                 f"{dataset.column_names}: set text_field / label_field to the right names"
             )
+    # A JSON column that mixes types (a list or number among strings) loads as a Json feature
+    # holding each value's JSON text: the texts would gain quotes, the labels new classes.
+    text = dataset.features[text_field]
+    if not (isinstance(text, Value) and text.dtype in ("string", "large_string", "null")):
+        raise DataError(
+            f"column {text_field!r} of split {split!r} ({source}) holds {_kind(text)}, not text: every value must be a string"
+        )
+    label = dataset.features[label_field]
+    if not isinstance(label, ClassLabel | Value):
+        raise DataError(
+            f"column {label_field!r} of split {split!r} ({source}) holds {_kind(label)}: "
+            "every label must be a string, or every label an integer"
+        )
+
+
+def _kind(feature: Any) -> str:
+    """How a column's values read in an error message."""
+    if isinstance(feature, Value):
+        return f"{feature.dtype} values"
+    if type(feature).__name__ == "Json":
+        return "values of mixed types (strings, numbers, lists or objects)"
+    return f"{type(feature).__name__} values"
 
 
 def _usable_rows(dataset: Dataset, text_field: str, label_field: str, split: str, source: str) -> tuple[list, list]:
@@ -631,11 +671,11 @@ def _usable_rows(dataset: Dataset, text_field: str, label_field: str, split: str
             first,
         )
     if not kept:
-        raise ValueError(f"split {split!r} of {source} has no rows with text in column {text_field!r}")
+        raise DataError(f"split {split!r} of {source} has no rows with text in column {text_field!r}")
     kept_labels = [labels[row] for row in kept]
     for row, label in zip(kept, kept_labels, strict=True):
         if label is None or (isinstance(label, float) and math.isnan(label)):
-            raise ValueError(f"row {row} of split {split!r} ({source}) has no label: fill it in or drop the row")
+            raise DataError(f"row {row} of split {split!r} ({source}) has no label: fill it in or drop the row")
     return kept, kept_labels
 
 
@@ -646,13 +686,13 @@ def _label_ids(
     if isinstance(feature, ClassLabel):
         names = label_names or feature.names
         if len(names) != feature.num_classes:
-            raise ValueError(f"label_names has {len(names)} names but {source} has {feature.num_classes} classes")
+            raise DataError(f"label_names has {len(names)} names but {source} has {feature.num_classes} classes")
         if set(names) == set(feature.names):  # the same classes, perhaps in another order
             ids = {i: names.index(name) for i, name in enumerate(feature.names)}
         elif set(names).isdisjoint(feature.names):  # new names for the classes, in id order
             ids = {i: i for i in range(len(names))}
         else:
-            raise ValueError(
+            raise DataError(
                 f"label_names {list(names)} share some but not all of the class names {feature.names} of "
                 f"split {split!r} ({source}): give the same names (in any order) or all new ones"
             )
@@ -667,16 +707,16 @@ def _label_ids(
             names, ids = [str(value) for value in values], {value: i for i, value in enumerate(values)}
     else:
         types = sorted({type(label).__name__ for label in labels})
-        raise ValueError(f"labels of split {split!r} ({source}) must be all integers or all strings, found {types}")
+        raise DataError(f"labels of split {split!r} ({source}) must be all integers or all strings, found {types}")
     if len(names) < 2:
-        raise ValueError(f"split {split!r} ({source}) has only the classes {names}: a classifier needs two or more")
+        raise DataError(f"split {split!r} ({source}) has only the classes {names}: a classifier needs two or more")
     return list(names), ids
 
 
 def _check_labels(labels: list, rows: list[int], label_ids: dict[Any, int], split: str, source: str) -> None:
     for row, label in zip(rows, labels, strict=True):
         if label not in label_ids:
-            raise ValueError(
+            raise DataError(
                 f"label {label!r} at row {row} of split {split!r} ({source}) is not one of the "
                 f"training labels {list(label_ids)}"
             )

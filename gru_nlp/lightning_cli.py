@@ -28,13 +28,15 @@ from gru_nlp.callbacks import (
     check_output_folder,
 )
 from gru_nlp.checkpoint import CHECKPOINT_KEY, CheckpointError, load_checkpoint, stored_tokenizer
-from gru_nlp.data import DEFAULT_CACHE_DIR, TextDataModule
+from gru_nlp.data import DEFAULT_CACHE_DIR, DataError, TextDataModule
 from gru_nlp.lit import LitClassifier
 from gru_nlp.tokenizer import load_tokenizer, save_tokenizer
 
 # The exit status of a process ended by SIGTERM (128 + 15), as shells report it.
 SIGTERM_EXIT_STATUS = 143
 _LAST_CHECKPOINT = re.compile(r"last(-\d+)?\.ckpt")
+# --ckpt_path values that Lightning resolves itself rather than reading as a file.
+_LIGHTNING_CKPT_NAMES = {"best", "last", "hpc", "registry"}
 # Data settings that a resumed run may change: where files live, how many workers read them,
 # and the evaluation batch size; the tokenizer is compared by content.
 _SETTINGS_THAT_KEEP_A_RUN = {"cache_dir", "num_workers", "tokenizer_path", "eval_batch_size"}
@@ -65,14 +67,27 @@ class GruNlpCLI(LightningCLI):
         )
         parser.add_lightning_class_args(ResumeCheckpoint, "autosave")
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads --ckpt_path with torch.load straight after parsing; check the file
+        # first, so that a missing, truncated or foreign one gets a line naming it, not a traceback.
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and ckpt_path not in _LIGHTNING_CKPT_NAMES and not str(ckpt_path).startswith("registry:"):
+            if not Path(ckpt_path).is_file():
+                raise CheckpointError(f"--ckpt_path {ckpt_path}: no such file")
+            load_checkpoint(ckpt_path)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config  # no subcommand with run=False
-        # A checkpoint's weights only mean something with the tokenizer they were trained
-        # with: use the one it carries rather than one trained (or cached) anew, whose ids
-        # may differ while its size still fits the weights.
+        # A checkpoint's weights only mean something with the tokenizer and the label names
+        # they were trained with: use the ones it carries rather than a tokenizer trained (or
+        # cached) anew, whose ids may differ while its size still fits the weights, or label
+        # names read from the data, whose order may differ (every prediction would be swapped).
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and Path(ckpt_path).is_file():
-            stored = _checkpoint_tokenizer(ckpt_path, config.data.cache_dir)
+            checkpoint = load_checkpoint(ckpt_path)
+            stored = _checkpoint_tokenizer(checkpoint, ckpt_path, config.data.cache_dir)
             given = config.data.tokenizer_path
             if given is None:
                 config.data.tokenizer_path = stored
@@ -80,6 +95,15 @@ class GruNlpCLI(LightningCLI):
                 raise CheckpointError(
                     f"{ckpt_path}: was trained with another tokenizer than --data.tokenizer_path {given}; "
                     "leave --data.tokenizer_path out to use the checkpoint's own"
+                )
+            trained_labels = list(checkpoint[CHECKPOINT_KEY]["label_names"])
+            given_labels = config.data.label_names
+            if given_labels is None:
+                config.data.label_names = trained_labels
+            elif list(given_labels) != trained_labels:
+                raise CheckpointError(
+                    f"{ckpt_path}: was trained with the labels {trained_labels} (class ids in that order), not "
+                    f"--data.label_names {list(given_labels)}; leave --data.label_names out to use the checkpoint's"
                 )
         # Fail before the data is loaded and the tokenizer trained (minutes on IMDB), not after.
         if self.subcommand != "fit":
@@ -184,9 +208,8 @@ def _saved_seed(checkpoint_path: Path) -> Any:
         return None
 
 
-def _checkpoint_tokenizer(ckpt_path: str, cache_dir: str | None) -> str:
+def _checkpoint_tokenizer(checkpoint: dict, ckpt_path: str, cache_dir: str | None) -> str:
     """Write the tokenizer stored in a checkpoint to the tokenizer cache; return the file's path."""
-    checkpoint = load_checkpoint(ckpt_path)
     key = hashlib.sha256(checkpoint[CHECKPOINT_KEY]["tokenizer"].encode()).hexdigest()[:16]
     path = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / "tokenizers" / f"checkpoint-{key}.json"
     if not path.exists():
@@ -199,7 +222,7 @@ def run_cli(args: list[str] | None = None, **kwargs) -> GruNlpCLI:
 
     ``args`` are the command-line arguments after the program name; None reads ``sys.argv``.
 
-    An unusable output folder or checkpoint exits with status 2 and a one-line message; a SIGTERM during
+    Unusable data, output folder or checkpoint exits with status 2 and a one-line message; a SIGTERM during
     ``fit`` exits with status 143 after `ResumeCheckpoint` saved ``last.ckpt``.
     """
     keep_freed_memory()
@@ -214,7 +237,7 @@ def run_cli(args: list[str] | None = None, **kwargs) -> GruNlpCLI:
             save_config_kwargs={"overwrite": True},
             **kwargs,
         )
-    except (OutputFolderError, CheckpointError) as err:
+    except (OutputFolderError, CheckpointError, DataError) as err:
         print(f"gru-nlp: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except SIGTERMException:

@@ -176,8 +176,8 @@ class NgramBag(nn.Module):
         length = input_ids.size(1)
         shares = torch.zeros_like(input_ids, dtype=terms.dtype)  # (B, T)
         start = 0
-        for n in range(1, self.order + 1):
-            count = max(0, length - n + 1)
+        for n in range(1, min(self.order, length) + 1):  # a text shorter than the order has no longer n-grams
+            count = length - n + 1
             ngram_terms = terms[:, start : start + count] / n  # (B, T-n+1); the n-gram starting at t
             for offset in range(n):  # ... covers tokens t .. t+n-1
                 shares = shares + F.pad(ngram_terms, (offset, length - count - offset))

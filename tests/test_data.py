@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from gru_nlp.data import TextDataModule, _sentence_rows, _tail_rows
+from gru_nlp.data import DataError, TextDataModule, _sentence_rows, _tail_rows
 from gru_nlp.tokenizer import save_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -384,6 +384,28 @@ def test_a_missing_column_is_an_error(tmp_path):
     ):
         data_module(tmp_path / "reviews.csv", tmp_path, test_split=None).num_classes
     assert data_module(tmp_path / "reviews.csv", tmp_path, test_split=None, text_field="review").num_classes == 2
+
+
+@pytest.mark.parametrize(
+    "column, odd_value, message",
+    [
+        ("text", ["a", "list"], r"column 'text' of split 'train' \(.*train.jsonl\) holds values of mixed types"),
+        ("label", 1, r"column 'label' of split 'train' \(.*train.jsonl\) holds values of mixed types"),
+    ],
+)
+def test_a_json_column_of_mixed_types_is_an_error(tmp_path, column, odd_value, message):
+    """Loaded as it is, the texts would gain JSON quotes and the labels a class '"neg"'."""
+    rows = [dict(row) for row in TRAIN]
+    rows[3][column] = odd_value
+    write(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match=message):
+        data_module(tmp_path / "train.jsonl", tmp_path, test_split=None).num_classes
+
+
+def test_a_text_column_of_numbers_is_an_error(tmp_path):
+    write(tmp_path / "train.jsonl", [dict(row, text=i) for i, row in enumerate(TRAIN)])
+    with pytest.raises(DataError, match=r"column 'text' of split 'train' \(.*\) holds int64 values, not text"):
+        data_module(tmp_path / "train.jsonl", tmp_path, test_split=None).num_classes
 
 
 def test_missing_files_are_errors(tmp_path):

@@ -208,6 +208,19 @@ def test_ngram_token_scores_split_the_class_score_exactly(order, features):
     assert torch.all(shares[~mask] == 0)
 
 
+@pytest.mark.parametrize("length", [1, 2])
+def test_ngram_token_scores_of_a_text_shorter_than_the_order(length):
+    bag = NgramBag(vocab_size=V, buckets=13, num_classes=K, order=3, features="naive_bayes")
+    with torch.no_grad():
+        bag.weight.weight[1:].normal_()
+        bag.log_count_ratios.normal_()
+    input_ids = torch.arange(1, length + 1)[None]  # (1, length)
+    mask = torch.ones_like(input_ids, dtype=torch.bool)
+    shares = bag.token_scores(input_ids, mask, target=1)  # (1, length)
+    assert shares.shape == (1, length)
+    torch.testing.assert_close(shares.sum(dim=1), bag(input_ids, mask)[:, 1])
+
+
 def test_fit_side_weights_recovers_the_weights_that_made_the_labels():
     generator = torch.Generator().manual_seed(0)
     gru_logits, ngram_logits = 2 * torch.randn(2, 20000, 3, generator=generator)

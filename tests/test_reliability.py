@@ -160,6 +160,41 @@ def test_testing_a_checkpoint_uses_the_tokenizer_it_was_trained_with(tmp_path, c
     assert f"{best}: was trained with another tokenizer than --data.tokenizer_path {other}" in capsys.readouterr().err
 
 
+def test_testing_a_checkpoint_uses_the_label_names_it_was_trained_with(tmp_path, capsys):
+    # Trained with the classes in non-alphabetical order: the test data alone would give
+    # [neg, pos], swapping every class id.
+    fit = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1", "--data.label_names", "[pos, neg]"))
+    best = fit.trainer.checkpoint_callback.best_model_path
+    (expected,) = fit.trainer.test(ckpt_path=best, datamodule=fit.datamodule, verbose=False)
+    test_args = ["test", *tiny_args(tmp_path, "--ckpt_path", best)[1:]]
+    tested = run_cli(test_args)
+    assert tested.datamodule.label_names == ["pos", "neg"]
+    assert tested.trainer.callback_metrics["test/acc"].item() == pytest.approx(expected["test/acc"])
+    with pytest.raises(SystemExit) as refused:
+        run_cli([*test_args, "--data.label_names", "[neg, pos]"])
+    assert refused.value.code == 2
+    assert f"{best}: was trained with the labels ['pos', 'neg']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [(None, "no such file"), (b"PK\x03\x04 cut short", "truncated or corrupt")])
+def test_an_unreadable_ckpt_path_is_one_line_naming_it(tmp_path, capsys, content, message):
+    ckpt = tmp_path / "model.ckpt"
+    if content is not None:
+        ckpt.write_bytes(content)
+    with pytest.raises(SystemExit) as refused:
+        run_cli(["test", *tiny_args(tmp_path, "--ckpt_path", str(ckpt))[1:]])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and message in err and "Traceback" not in err
+
+
+def test_unusable_data_is_one_line_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:
+        run_cli(tiny_args(tmp_path, "--data.text_field", "review"))
+    assert refused.value.code == 2
+    assert "column 'review' not found in split 'train'" in capsys.readouterr().err
+
+
 # --- atomic checkpoint writes -------------------------------------------------------------------
 
 
