@@ -127,6 +127,17 @@ def test_ckpt_path_last_resumes_a_run_whose_config_yaml_is_gone(tmp_path):
     assert cli.trainer.ckpt_path == str(last) and cli.trainer.global_step == 2 * STEPS_PER_EPOCH
 
 
+def test_ckpt_path_last_resumes_a_run_resumed_from_a_file(tmp_path):
+    # Resuming from a file takes the checkpoint's label names; they must not make that run
+    # look like another one to a later --ckpt_path last.
+    run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
+    (first,) = last_checkpoints(tmp_path)
+    run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "2", "--ckpt_path", str(first)))
+    second = max(last_checkpoints(tmp_path), key=os.path.getmtime)
+    cli = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "3", "--ckpt_path", "last"))
+    assert cli.trainer.ckpt_path == str(second) and cli.trainer.global_step == 3 * STEPS_PER_EPOCH
+
+
 def test_resuming_a_checkpoint_trained_with_another_tokenizer_is_refused(tmp_path, capsys):
     run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
     (last,) = last_checkpoints(tmp_path)
