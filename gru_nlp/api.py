@@ -8,9 +8,9 @@ Shape legend: N texts, B batch, T padded length, E embedding dim, K classes, W w
 
 Decisions a user should know:
 
-* **Empty texts** (or texts the tokenizer reduces to nothing, such as only control
-  characters) are still classified: the encoder gives them a single [UNK]-style token,
-  so the model answers from that placeholder, which carries no information about the
+* **Empty texts** (or texts of only whitespace, control and format characters, such as
+  "\\x00\\x01" or a zero-width space) are still classified: the encoder gives them [UNK]
+  tokens, so the model answers from placeholders that carry no information about the
   text. Such predictions have ``empty=True``; treat their label as a prior, not a reading.
 * **Long texts** are truncated to the checkpoint's ``max_length`` tokens with the policy
   it was trained with ("head" keeps the start, "head_tail" the start and the end).
@@ -30,7 +30,9 @@ import copy
 import html
 import re
 import sys
+import unicodedata
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, overload
@@ -61,7 +63,8 @@ class Prediction:
         score: that label's probability.
         probs: every label's probability, in the checkpoint's label order; they sum to 1.
         num_tokens: tokens the model read, after truncation (at least 1).
-        empty: True when the text had no tokens and was classified from the placeholder token.
+        empty: True when the text had nothing to read (no tokens, or only whitespace, control
+            and format characters) and was classified from placeholder tokens.
     """
 
     text: str
@@ -250,9 +253,12 @@ class TextClassifier:
 
         Returns:
             Prediction or list[Prediction].
+
+        Raises:
+            TypeError: ``texts`` is neither a string nor a list of strings.
         """
         single = isinstance(texts, str)
-        batch = [texts] if single else list(texts)
+        batch = _as_batch(texts)
         ids = self._encode(batch)
         probs = self._predict_ids(ids, batch_size)  # (N, K)
         predictions = [self._prediction(text, row, token_ids) for text, row, token_ids in zip(batch, probs, ids)]
@@ -260,8 +266,7 @@ class TextClassifier:
 
     def predict_proba(self, texts: str | list[str], batch_size: int = 64) -> np.ndarray:
         """(N, K) float32 probabilities in input order, columns in ``labels`` order (N=1 for one str)."""
-        batch = [texts] if isinstance(texts, str) else list(texts)
-        return self._predict_ids(self._encode(batch), batch_size)
+        return self._predict_ids(self._encode(_as_batch(texts)), batch_size)
 
     def explain(self, text: str, method: Method = "attention", gates: bool = False) -> Explanation:
         """Score each word of ``text`` by how much the prediction rests on it.
@@ -378,7 +383,10 @@ class TextClassifier:
         best = int(probs.argmax())
         # A lone unknown token is either the placeholder for an empty encoding or one
         # unknown word; only re-tokenising tells them apart, and it is one short text.
-        empty = len(ids) == 1 and ids[0] == UNK_ID and len(self.tokenizer.encode(text, add_special_tokens=False)) == 0
+        # Control and format characters do get tokens ([UNK]), so they are checked apart.
+        empty = not _has_readable_characters(text) or (
+            len(ids) == 1 and ids[0] == UNK_ID and len(self.tokenizer.encode(text, add_special_tokens=False)) == 0
+        )
         return Prediction(
             text=text,
             label=self._labels[best],
@@ -428,6 +436,21 @@ class TextClassifier:
             start, end = full.offsets[position] if position is not None else (0, 0)
             spans.append((start, end) if end > start else (None, None))
         return spans
+
+
+def _as_batch(texts: str | Iterable[str]) -> list[str]:
+    """``texts`` as a list: one string becomes a list of one."""
+    if isinstance(texts, str):
+        return [texts]
+    # bytes are iterable (of ints), but never text.
+    if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Iterable):
+        raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
+    return list(texts)
+
+
+def _has_readable_characters(text: str) -> bool:
+    """Whether ``text`` holds a character other than whitespace, control (Cc) and format (Cf) ones."""
+    return any(not char.isspace() and unicodedata.category(char) not in ("Cc", "Cf") for char in text)
 
 
 def _kept_positions(full: list[int], kept: list[int]) -> list[int | None]:

@@ -6,10 +6,17 @@
 
 Each input text gives one output line, in input order:
 ``{"text": ..., "label": ..., "score": ..., "probs": {label: prob}}`` (plus ``"empty": true``
-for a text with no tokens, and ``"explanation"`` with ``--explain``). Plain-text input is one
-text per line, blank lines included, so output line i always belongs to input line i.
+for a text with nothing to read, and ``"explanation"`` with ``--explain``).
 
-Mistakes (a missing file, a bad checkpoint, a missing column) print one line to stderr
+``--input`` is read by its extension (UTF-8, with or without a byte-order mark):
+
+* ``.csv``: the ``--text-field`` column, with a header row.
+* ``.jsonl``: one JSON object per line, its ``--text-field`` field; blank lines are skipped.
+* ``.json``: one JSON list, of strings or of objects with the ``--text-field`` field.
+* anything else: plain text, one text per line, blank lines included, so output line i
+  always belongs to input line i.
+
+Mistakes (a missing file, a bad checkpoint, a missing column, bad JSON) print one line to stderr
 and exit with status 2, without a traceback.
 """
 
@@ -49,9 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--input",
         type=Path,
-        help="file of texts: .csv or .jsonl (the --text-field column), else one text per line",
+        help="file of texts: .csv, .jsonl or .json (see --text-field), else one text per line",
     )
-    parser.add_argument("--text-field", default="text", help="column holding the text in .csv / .jsonl input")
+    parser.add_argument(
+        "--text-field",
+        default="text",
+        help="column holding the text in .csv input; field of each object in .jsonl / .json input",
+    )
     parser.add_argument("--output", type=Path, help="write here (atomically) instead of stdout")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -129,11 +140,13 @@ def write_lines(
 
 
 def read_texts(path: Path, text_field: str = "text") -> Iterator[str]:
-    """Texts from ``path``: a column of a .csv, a field of a .jsonl, else one per line.
+    """Texts from ``path``: a column of a .csv, a field of a .jsonl, a list in a .json, else one per line.
+
+    A UTF-8 byte-order mark (as Excel writes) is skipped.
 
     Raises:
-        InputError: the column or field is missing, a value is not a string, or a
-            .jsonl line is not JSON.
+        InputError: the column or field is missing, a value is not a string, a .jsonl
+            line or a .json file is not JSON, or a .json file is not a list.
     """
     try:
         yield from _read_texts(path, text_field)
@@ -144,7 +157,8 @@ def read_texts(path: Path, text_field: str = "text") -> Iterator[str]:
 
 def _read_texts(path: Path, text_field: str) -> Iterator[str]:
     suffix = path.suffix.lower()
-    with path.open(encoding="utf-8", newline="" if suffix == ".csv" else None) as file:
+    # "utf-8-sig" skips a byte-order mark, which would otherwise be part of the first column's name.
+    with path.open(encoding="utf-8-sig", newline="" if suffix == ".csv" else None) as file:
         if suffix == ".csv":
             # Reviews can be long: lift the csv module's default 128 KiB limit per field.
             csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -164,14 +178,33 @@ def _read_texts(path: Path, text_field: str) -> Iterator[str]:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise InputError(f"{path}:{number}: not a JSON line ({error.msg})") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    raise InputError(f"{path}:{number}: no field {text_field!r}; choose one with --text-field")
-                if not isinstance(record[text_field], str):
-                    raise InputError(f"{path}:{number}: field {text_field!r} is not a string")
-                yield record[text_field]
+                yield _field_text(record, text_field, f"{path}:{number}")
+        elif suffix == ".json":
+            try:
+                records = json.load(file)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+            if not isinstance(records, list):
+                raise InputError(
+                    f"{path}: expected a JSON list of strings or of objects with field {text_field!r} "
+                    "(for one object per line, name the file .jsonl)"
+                )
+            for index, record in enumerate(records):
+                yield record if isinstance(record, str) else _field_text(record, text_field, f"{path}: item {index}")
         else:
             for line in file:
                 yield line.rstrip("\r\n")
+
+
+def _field_text(record: object, text_field: str, where: str) -> str:
+    """The string in ``record[text_field]``; ``where`` (file and line or item) prefixes errors."""
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: not a JSON object with field {text_field!r}")
+    if text_field not in record:
+        raise InputError(f"{where}: no field {text_field!r}; choose one with --text-field")
+    if not isinstance(record[text_field], str):
+        raise InputError(f"{where}: field {text_field!r} is not a string")
+    return record[text_field]
 
 
 def _progress_bar():

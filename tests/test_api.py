@@ -78,6 +78,22 @@ def test_awkward_texts(classifier):
         assert sum(prediction.probs.values()) == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("text", ["\x00\x01", "\u200b", " \t\n", "\x00 \ufeff \x07"])
+def test_only_control_format_and_space_characters_are_empty(classifier, text):
+    assert classifier.predict(text).empty
+
+
+@pytest.mark.parametrize("texts", [5, None, b"good", 2.5])
+def test_texts_of_the_wrong_type_name_the_type(classifier, texts):
+    expected = f"texts must be a string or a list of strings, got {type(texts).__name__}"
+    with pytest.raises(TypeError, match=expected):
+        classifier.predict(texts)
+    with pytest.raises(TypeError, match=expected):
+        classifier.predict_proba(texts)
+    with pytest.raises(TypeError, match="texts must be strings"):
+        classifier.predict(["good", 5])
+
+
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.text(max_size=60), min_size=1, max_size=5))
 def test_random_unicode_never_crashes(classifier, texts):

@@ -53,7 +53,12 @@ def test_texts_from_stdin_keep_blank_lines(tiny_checkpoint, capsys, monkeypatch)
         ("texts.txt", "a bad film\ngood\n", "text"),
         ("texts.csv", 'id,review\n1,a bad film\n2,"good"\n', "review"),
         ("texts.jsonl", '{"text": "a bad film", "label": "neg"}\n\n{"text": "good"}\n', "text"),
+        ("texts.json", '["a bad film", "good"]', "text"),
+        ("texts.json", '[{"review": "a bad film"}, {"review": "good", "id": 2}]', "review"),
+        ("bom.csv", "\ufefftext,label\na bad film,neg\ngood,pos\n", "text"),
+        ("bom.txt", "\ufeffa bad film\ngood\n", "text"),
     ],
+    ids=["txt", "csv", "jsonl", "json-strings", "json-objects", "csv-bom", "txt-bom"],
 )
 def test_texts_from_file_to_output_file(tiny_checkpoint, capsys, tmp_path, name, content, field):
     source = tmp_path / name
@@ -82,11 +87,28 @@ def test_explain_adds_word_weights(tiny_checkpoint, capsys):
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(tmp / "none.txt")], "input file not found"),
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_write(tmp / "t.csv", "a,b\n1,2\n"))], "no column 'text'"),
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_write(tmp / "t.jsonl", '{"body": "x"}\n'))], "no field 'text'"),
+        (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_write(tmp / "t.jsonl", '{"text": "a"}\n{"text": \n'))], "t.jsonl:2: not a JSON line"),
+        (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_write(tmp / "t.json", '["a",\n "b"'))], "t.json:2: not valid JSON"),
+        (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_write(tmp / "t.json", '{"text": "a"}\n'))], "t.json: expected a JSON list"),
+        (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_write(tmp / "t.json", '["a", {"body": "b"}]'))], "t.json: item 1: no field 'text'"),
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--batch-size", "0", "x"], "batch-size"),
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--device", "gpu", "x"], "device 'gpu' is not usable here"),
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--device", "gpu", "--quantize", "x"], "device 'gpu' is not usable"),
     ],
-    ids=["missing-ckpt", "bad-ckpt", "missing-input", "csv-column", "jsonl-field", "batch-size", "device", "device-int8"],
+    ids=[
+        "missing-ckpt",
+        "bad-ckpt",
+        "missing-input",
+        "csv-column",
+        "jsonl-field",
+        "jsonl-syntax",
+        "json-syntax",
+        "json-not-a-list",
+        "json-item-field",
+        "batch-size",
+        "device",
+        "device-int8",
+    ],
 )
 def test_errors_exit_2_with_one_line(tiny_checkpoint, capsys, tmp_path, setup, message):
     code, records, err = run(capsys, setup(tmp_path, tiny_checkpoint))
