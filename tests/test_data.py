@@ -386,19 +386,20 @@ def test_a_missing_column_is_an_error(tmp_path):
     assert data_module(tmp_path / "reviews.csv", tmp_path, test_split=None, text_field="review").num_classes == 2
 
 
-@pytest.mark.parametrize(
-    "column, odd_value, message",
-    [
-        ("text", ["a", "list"], r"column 'text' of split 'train' \(.*train.jsonl\) holds values of mixed types"),
-        ("label", 1, r"column 'label' of split 'train' \(.*train.jsonl\) holds values of mixed types"),
-    ],
-)
-def test_a_json_column_of_mixed_types_is_an_error(tmp_path, column, odd_value, message):
-    """Loaded as it is, the texts would gain JSON quotes and the labels a class '"neg"'."""
+def test_a_json_column_of_mixed_types_is_read_as_its_values(tmp_path, caplog):
+    """`datasets` stores such a column as JSON text: texts would gain quotes, labels a class '"neg"'."""
     rows = [dict(row) for row in TRAIN]
-    rows[3][column] = odd_value
+    rows[3]["text"] = ["a", "list"]
     write(tmp_path / "train.jsonl", rows)
-    with pytest.raises(DataError, match=message):
+    dm = data_module(tmp_path / "train.jsonl", tmp_path, test_split=None, val_size=2)
+    texts = [row["text"] for name in ("train", "val") for row in dm._text_splits()[name]]
+    assert sorted(texts) == sorted(row["text"] for row in TRAIN if row is not TRAIN[3])  # no quotes added
+    assert "Skipped 1 of 20 rows" in caplog.text
+    assert dm.label_names == ["neg", "pos"]
+
+    rows[3] = dict(TRAIN[3], label=1)
+    write(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match=r"labels of split 'train' \(.*train.jsonl\) must be all integers or all strings"):
         data_module(tmp_path / "train.jsonl", tmp_path, test_split=None).num_classes
 
 
