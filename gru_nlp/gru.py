@@ -75,8 +75,8 @@ def _recurrence(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tenso
     b_ih (D, 3H), b_hh (D, 3H). Returns the states (D, T+1, B, H), the first one zero.
 
     Inference calls it alone. Training passes ``saved``, (D, T, B, 5, H), which the loop
-    fills with the per-step factors ``_FusedGRULayer.backward`` needs; they cost about as
-    much as the recurrence itself, so inference skips them.
+    fills with the per-step factors ``_FusedGRULayer.backward`` needs; they add about a
+    third to the loop's time (measured 380 against 277 µs per step), so inference skips them.
 
     n = tanh(a) is computed as 2 sigmoid(2a) - 1: sigmoid measured ~2x faster than tanh
     here, and doubling the n rows of the input projection is exact (a power of two), so

@@ -69,42 +69,40 @@ class GruNlpCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
-        # LightningCLI reads --ckpt_path with torch.load straight after parsing; check the file
-        # first, so that a missing, truncated or foreign one gets a line naming it, not a traceback.
         config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path and ckpt_path not in _LIGHTNING_CKPT_NAMES and not str(ckpt_path).startswith("registry:"):
-            if not Path(ckpt_path).is_file():
-                raise CheckpointError(f"--ckpt_path {ckpt_path}: no such file")
-            load_checkpoint(ckpt_path)
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config  # no subcommand with run=False
+        if not ckpt_path or ckpt_path in _LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry:"):
+            return
+        # LightningCLI reads --ckpt_path with torch.load straight after this; read it first, so
+        # that a missing, truncated or foreign file gets a line naming it, not a traceback.
+        if not Path(ckpt_path).is_file():
+            raise CheckpointError(f"--ckpt_path {ckpt_path}: no such file")
+        checkpoint = load_checkpoint(ckpt_path)
         # A checkpoint's weights only mean something with the tokenizer and the label names
         # they were trained with: use the ones it carries rather than a tokenizer trained (or
         # cached) anew, whose ids may differ while its size still fits the weights, or label
         # names read from the data, whose order may differ (every prediction would be swapped).
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path and Path(ckpt_path).is_file():
-            checkpoint = load_checkpoint(ckpt_path)
-            stored = _checkpoint_tokenizer(checkpoint, ckpt_path, config.data.cache_dir)
-            given = config.data.tokenizer_path
-            if given is None:
-                config.data.tokenizer_path = stored
-            elif load_tokenizer(given).to_str() != load_tokenizer(stored).to_str():
-                raise CheckpointError(
-                    f"{ckpt_path}: was trained with another tokenizer than --data.tokenizer_path {given}; "
-                    "leave --data.tokenizer_path out to use the checkpoint's own"
-                )
-            trained_labels = list(checkpoint[CHECKPOINT_KEY]["label_names"])
-            given_labels = config.data.label_names
-            if given_labels is None:
-                config.data.label_names = trained_labels
-            elif list(given_labels) != trained_labels:
-                raise CheckpointError(
-                    f"{ckpt_path}: was trained with the labels {trained_labels} (class ids in that order), not "
-                    f"--data.label_names {list(given_labels)}; leave --data.label_names out to use the checkpoint's"
-                )
+        stored = _checkpoint_tokenizer(checkpoint, ckpt_path, config.data.cache_dir)
+        given = config.data.tokenizer_path
+        if given is None:
+            config.data.tokenizer_path = stored
+        elif load_tokenizer(given).to_str() != load_tokenizer(stored).to_str():
+            raise CheckpointError(
+                f"{ckpt_path}: was trained with another tokenizer than --data.tokenizer_path {given}; "
+                "leave --data.tokenizer_path out to use the checkpoint's own"
+            )
+        trained_labels = list(checkpoint[CHECKPOINT_KEY]["label_names"])
+        given_labels = config.data.label_names
+        if given_labels is None:
+            config.data.label_names = trained_labels
+        elif list(given_labels) != trained_labels:
+            raise CheckpointError(
+                f"{ckpt_path}: was trained with the labels {trained_labels} (class ids in that order), not "
+                f"--data.label_names {list(given_labels)}; leave --data.label_names out to use the checkpoint's"
+            )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config  # no subcommand with run=False
         # Fail before the data is loaded and the tokenizer trained (minutes on IMDB), not after.
         if self.subcommand != "fit":
             return
