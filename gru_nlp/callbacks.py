@@ -20,6 +20,7 @@ How Lightning 2.6 behaves, read from its source, and what this module changes:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -74,6 +75,41 @@ class EpochSummary(L.Callback):
             f"{name} {metrics[name].item():.4f}" for name in ("val/acc", "val/f1", "val/loss", "train/loss") if name in metrics
         )
         rank_zero_info(f"epoch {trainer.current_epoch}  step {trainer.global_step}  {shown}  elapsed {self.elapsed_min:.1f} min")
+
+
+class PredictionWriter(L.Callback):
+    """Writes what ``predict`` computes to ``predictions.jsonl`` in the run folder, one line per text.
+
+    Lines are in the data's row order (batches come longest first; ``batch["index"]`` puts
+    them back), each ``{"row", "text", "label", "score", "probs"}``: the text's row in its
+    split as loaded (rows without text are skipped, so numbers may jump), then as
+    ``gru-nlp classify`` prints them. A data module without ``predict_texts`` gives
+    ``{"index", "label", "score", "probs"}``. Under DDP every process writes the rows it
+    scored to ``predictions-rank<N>.jsonl``.
+    """
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.rows: list[tuple[int, list[float]]] = []
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs: dict, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.rows += zip(outputs["index"].tolist(), outputs["probs"].tolist(), strict=True)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        name = "predictions.jsonl" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.jsonl"
+        path = folder / name
+        source = trainer.datamodule.predict_texts() if hasattr(trainer.datamodule, "predict_texts") else None
+        labels = pl_module.label_names
+        folder.mkdir(parents=True, exist_ok=True)
+        staged = path.with_name(f".{path.name}.partial")
+        with open(staged, "w", encoding="utf-8") as file:
+            for index, probs in sorted(self.rows):
+                best = max(range(len(probs)), key=probs.__getitem__)
+                line = {"index": index} if source is None else {"row": source[0][index], "text": source[1][index]}
+                line |= {"label": labels[best], "score": probs[best], "probs": dict(zip(labels, probs, strict=True))}
+                file.write(json.dumps(line, ensure_ascii=False) + "\n")
+        os.replace(staged, path)  # a reader never sees half a file
+        print(f"predictions: {path} ({len(self.rows)} texts)")
 
 
 def checkpoint_bytes(module: torch.nn.Module) -> int:

@@ -21,8 +21,8 @@ from tokenizers import Tokenizer
 
 from gru_nlp.model import BiGRUClassifier
 
-# Must equal CHECKPOINT_KEY / CHECKPOINT_FORMAT in gru_nlp.lit, which this module cannot
-# import without importing Lightning; tests/test_checkpoint.py pins them equal.
+# Everything inference needs besides the weights lives under this key of a checkpoint
+# (LitClassifier writes it); this module reads checkpoints without importing Lightning.
 CHECKPOINT_KEY = "gru_nlp"
 CHECKPOINT_FORMAT = 1
 TRUNCATIONS = ("head", "head_tail")
@@ -128,7 +128,6 @@ def build_model(
         CheckpointError: the tokenizer JSON does not parse, or the weights do not fit the
             model the hyper-parameters describe (missing keys or shape mismatch).
     """
-    path = source
     hparams, extras = checkpoint["hyper_parameters"], checkpoint[CHECKPOINT_KEY]
     tokenizer = stored_tokenizer(checkpoint, source)
     # encode truncates and the classifier pads; settings saved in the JSON would interfere.
@@ -136,7 +135,7 @@ def build_model(
     tokenizer.no_truncation()
     if tokenizer.get_vocab_size() > hparams["vocab_size"]:
         raise CheckpointError(
-            f"{path}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's "
+            f"{source}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's "
             f"vocab_size is {hparams['vocab_size']}"
         )
     try:
@@ -144,7 +143,7 @@ def build_model(
         arguments.update({name: hparams[name] for name in OPTIONAL_ARGUMENTS if name in hparams})
         model = BiGRUClassifier(**arguments)
     except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: hyper_parameters do not describe a valid model ({error})") from None
+        raise CheckpointError(f"{source}: hyper_parameters do not describe a valid model ({error})") from None
     # Lightning prefixes the wrapped module's weights with "model."; the rest (loss weights,
     # metric states) belongs to training.
     prefix = "model."
@@ -153,7 +152,7 @@ def build_model(
         model.load_state_dict(state_dict)
     except RuntimeError as error:
         detail = " ".join(str(error).split())
-        raise CheckpointError(f"{path}: the weights do not fit the model described by hyper_parameters: {detail}") from None
+        raise CheckpointError(f"{source}: the weights do not fit the model described by hyper_parameters: {detail}") from None
     model.eval()
     return model, tokenizer, list(extras["label_names"]), extras["max_length"], extras["truncation"]
 

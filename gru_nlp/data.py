@@ -82,8 +82,10 @@ class TextDataModule(L.LightningDataModule):
 
     Labels: a `ClassLabel` column keeps its names (`label_names` with the same
     names puts them in its order; with none of them, renames the ids in order);
-    integer labels are ids into `label_names` when given, else the sorted
-    distinct values become the classes; string labels become ids in the order of
+    integer labels are ids into `label_names` when given (unless every value is
+    itself one of the names, as in `["1", "2"]` for labels 1 and 2: then each
+    value takes its name's id), else the sorted distinct values become the
+    classes, named by their values; string labels become ids in the order of
     `label_names` when given, else in sorted order.
 
     Validation: `val_split` when given; else the source's `validation` split
@@ -176,6 +178,9 @@ class TextDataModule(L.LightningDataModule):
             raise DataError(f"val_size must be a fraction below 1 or a whole count, got {val_size}")
         if val_carve not in ("random", "tail", "sentences"):
             raise DataError(f"val_carve must be 'random', 'tail' or 'sentences', got {val_carve!r}")
+        if label_names is not None and len(set(label_names)) < len(label_names):
+            repeated = sorted({name for name in label_names if list(label_names).count(name) > 1})
+            raise DataError(f"label_names {list(label_names)} name a class twice: {', '.join(map(repr, repeated))}")
         # The properties vocab_size and label_names give what the data turned out to
         # have, and LightningCLI links them into the model's hparams; Lightning refuses to
         # log one key with two values, so the requests stay out of this module's hparams.
@@ -269,6 +274,13 @@ class TextDataModule(L.LightningDataModule):
             persistent_workers=self.hparams.num_workers > 0,
         )
 
+    def predict_texts(self) -> tuple[list[int], list[str]]:
+        """What `predict_dataloader` serves, in order (`batch["index"]` indexes these lists): each
+        text's row number in its split as loaded (rows without text are skipped), and the text."""
+        splits = self._text_splits()
+        split = splits["test" if "test" in splits else "val"]
+        return _column(split, "source_row"), _column(split, "text")
+
     def _encoded_split(self, role: str) -> Dataset:
         """The split of `role` as `input_ids`, `length`, `labels` and `index` columns."""
         splits = self._text_splits()
@@ -329,19 +341,28 @@ class TextDataModule(L.LightningDataModule):
             hp.train_split,
             sources[hp.train_split],
         )
-        features = Features({"text": Value("string"), "labels": ClassLabel(names=self._label_names)})
+        features = Features(
+            {"text": Value("string"), "labels": ClassLabel(names=self._label_names), "source_row": Value("int64")}
+        )
         splits = {}
         for role, (dataset, kept, labels) in rows.items():
             split = named[role]
             _check_labels(labels, kept, label_ids, split, sources[split])
-            if len(kept) < len(dataset):
+            skipped = len(kept) < len(dataset)
+            if skipped:
                 dataset = dataset.select(kept)
             splits[role] = dataset.map(
                 _standardize,
                 batched=True,
+                with_indices=True,
                 remove_columns=dataset.column_names,
                 features=features,
-                fn_kwargs={"text_field": hp.text_field, "label_field": hp.label_field, "label_ids": label_ids},
+                fn_kwargs={
+                    "text_field": hp.text_field,
+                    "label_field": hp.label_field,
+                    "label_ids": label_ids,
+                    "source_rows": kept if skipped else None,
+                },
                 desc=f"Reading {split}",
             )
 
@@ -501,6 +522,10 @@ def _load_raw_splits(
             "parquet/csv/json/jsonl files named by split (train.parquet, test.parquet, ...), to a "
             "single data file, or to an aclImdb/ folder."
         ) from err
+    except datasets.exceptions.DatasetNotFoundError as err:
+        raise DataNotFoundError(f"no local file or folder {path!r}, and no Hub dataset of that name ({err})") from None
+    except (datasets.exceptions.DatasetsError, ValueError) as err:  # e.g. a `name` the dataset does not have
+        raise DataError(f"could not load Hub dataset {path!r}" + (f" ({name})" if name else "") + f": {err}") from None
     source = f"Hub dataset {path!r}" + (f" ({name})" if name else "")
     return dict(loaded), {split: source for split in loaded}
 
@@ -697,10 +722,13 @@ def _label_ids(
         names = label_names or sorted(set(labels))
         ids = {name: i for i, name in enumerate(names)}
     elif all(isinstance(label, int | float) and float(label).is_integer() for label in labels):
-        if label_names:
+        values = sorted({int(label) for label in labels})
+        if label_names and all(str(value) in label_names for value in values):
+            # Named by their own values: the names a checkpoint stores for labels 1 and 2, say.
+            names, ids = label_names, {value: list(label_names).index(str(value)) for value in values}
+        elif label_names:
             names, ids = label_names, {i: i for i in range(len(label_names))}
         else:
-            values = sorted({int(label) for label in labels})
             names, ids = [str(value) for value in values], {value: i for i, value in enumerate(values)}
     else:
         types = sorted({type(label).__name__ for label in labels})
@@ -719,8 +747,15 @@ def _check_labels(labels: list, rows: list[int], label_ids: dict[Any, int], spli
             )
 
 
-def _standardize(batch: dict[str, list], text_field: str, label_field: str, label_ids: dict[Any, int]) -> dict:
-    return {"text": batch[text_field], "labels": [label_ids[label] for label in batch[label_field]]}
+def _standardize(
+    batch: dict[str, list], indices: list[int], text_field: str, label_field: str, label_ids: dict[Any, int], source_rows: list[int] | None
+) -> dict:
+    """The text, class id, and row in the source split (`source_rows` maps kept rows back; None: none skipped)."""
+    return {
+        "text": batch[text_field],
+        "labels": [label_ids[label] for label in batch[label_field]],
+        "source_row": indices if source_rows is None else [source_rows[i] for i in indices],
+    }
 
 
 def _encode_batch(

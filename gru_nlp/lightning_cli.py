@@ -23,6 +23,7 @@ from gru_nlp.callbacks import (
     AtomicCheckpointIO,
     EpochSummary,
     OutputFolderError,
+    PredictionWriter,
     Preflight,
     ResumeCheckpoint,
     check_output_folder,
@@ -37,6 +38,8 @@ SIGTERM_EXIT_STATUS = 143
 _LAST_CHECKPOINT = re.compile(r"last(-\d+)?\.ckpt")
 # --ckpt_path values that Lightning resolves itself rather than reading as a file.
 _LIGHTNING_CKPT_NAMES = {"best", "last", "hpc", "registry"}
+# Subcommands that score a trained model, so need its checkpoint.
+_SCORING_SUBCOMMANDS = {"validate", "test", "predict"}
 # Data settings that a resumed run may change: where files live, how many workers read them,
 # and the evaluation batch size; the tokenizer is compared by content.
 _SETTINGS_THAT_KEEP_A_RUN = {"cache_dir", "num_workers", "tokenizer_path", "eval_batch_size"}
@@ -69,8 +72,17 @@ class GruNlpCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
-        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
         ckpt_path = config.get("ckpt_path")
+        if subcommand in _SCORING_SUBCOMMANDS and (not ckpt_path or ckpt_path in _LIGHTNING_CKPT_NAMES):
+            # Lightning would go on with the freshly initialised model (for "best" and "last"
+            # after a one-line warning: they name checkpoints of a fit in this same process).
+            given = f"--ckpt_path {ckpt_path}" if ckpt_path else "no --ckpt_path"
+            raise CheckpointError(
+                f"gru-nlp {subcommand} with {given} would score an untrained model: "
+                "pass --ckpt_path <a .ckpt file> (`gru-nlp fit` prints the best one's path)"
+            )
         if not ckpt_path or ckpt_path in _LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry:"):
             return
         # LightningCLI reads --ckpt_path with torch.load straight after this; read it first, so
@@ -86,7 +98,7 @@ class GruNlpCLI(LightningCLI):
         given = config.data.tokenizer_path
         if given is None:
             config.data.tokenizer_path = stored
-        elif load_tokenizer(given).to_str() != load_tokenizer(stored).to_str():
+        elif _tokenizer_json(given) != load_tokenizer(stored).to_str():
             raise CheckpointError(
                 f"{ckpt_path}: was trained with another tokenizer than --data.tokenizer_path {given}; "
                 "leave --data.tokenizer_path out to use the checkpoint's own"
@@ -100,6 +112,13 @@ class GruNlpCLI(LightningCLI):
                 f"{ckpt_path}: was trained with the labels {trained_labels} (class ids in that order), not "
                 f"--data.label_names {list(given_labels)}; leave --data.label_names out to use the checkpoint's"
             )
+        # The text is cut as it was in training (and is when served), or the scores would
+        # describe other inputs than the model sees in use.
+        for setting in ("max_length", "truncation"):
+            trained, configured = checkpoint[CHECKPOINT_KEY][setting], getattr(config.data, setting)
+            if configured != trained:
+                rank_zero_info(f"Using the checkpoint's data.{setting} {trained!r}, not {configured!r}: it was trained with it")
+                setattr(config.data, setting, trained)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config  # no subcommand with run=False
@@ -206,6 +225,14 @@ def _saved_seed(checkpoint_path: Path) -> Any:
         return None
 
 
+def _tokenizer_json(path: str) -> str:
+    """The tokenizer saved at ``--data.tokenizer_path``, as JSON; a one-line error if it cannot be loaded."""
+    try:
+        return load_tokenizer(path).to_str()
+    except (OSError, ValueError) as err:
+        raise DataError(f"--data.tokenizer_path: {err}") from None
+
+
 def _checkpoint_tokenizer(checkpoint: dict, ckpt_path: str, cache_dir: str | None) -> str:
     """Write the tokenizer stored in a checkpoint to the tokenizer cache; return the file's path."""
     key = hashlib.sha256(checkpoint[CHECKPOINT_KEY]["tokenizer"].encode()).hexdigest()[:16]
@@ -224,7 +251,7 @@ def run_cli(args: list[str] | None = None, **kwargs) -> GruNlpCLI:
     ``fit`` exits with status 143 after `ResumeCheckpoint` saved ``last.ckpt``.
     """
     keep_freed_memory()
-    callbacks = [EpochSummary(), Preflight(), *kwargs.pop("extra_callbacks", [])]
+    callbacks = [EpochSummary(), Preflight(), PredictionWriter(), *kwargs.pop("extra_callbacks", [])]
     try:
         return GruNlpCLI(
             LitClassifier,

@@ -6,17 +6,15 @@ import math
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from gru_nlp.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 from gru_nlp.model import BiGRUClassifier, NgramFeatures, Pooling, fit_side_weights
 from gru_nlp.tokenizer import save_tokenizer
-
-# Everything inference needs besides the weights lives under this key of the checkpoint.
-CHECKPOINT_KEY = "gru_nlp"
-CHECKPOINT_FORMAT = 1
 
 
 class LitClassifier(L.LightningModule):
@@ -158,11 +156,13 @@ class LitClassifier(L.LightningModule):
 
     @property
     def _calibrating(self) -> bool:
-        """Whether this validation refits side_weights (not in the sanity check's few batches)."""
+        """Whether this validation refits side_weights: during fit only, not in the sanity check's few
+        batches, and never in a standalone `validate`, which scores the model as it was saved."""
         return bool(
             self.hparams.calibrate_sides
             and self.model.ngrams is not None
             and self._trainer is not None
+            and self.trainer.state.fn == TrainerFn.FITTING
             and not self.trainer.sanity_checking
         )
 
@@ -241,11 +241,14 @@ class LitClassifier(L.LightningModule):
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "tokenizer"):
-            self.inference_config = {
-                "tokenizer": datamodule.tokenizer.to_str(),
-                "max_length": datamodule.hparams.get("max_length", getattr(datamodule, "max_length", None)),
-                "truncation": datamodule.hparams.get("truncation", getattr(datamodule, "truncation", None)),
-            }
+            encoding = {name: datamodule.hparams.get(name, getattr(datamodule, name, None)) for name in ("max_length", "truncation")}
+            missing = [name for name, value in encoding.items() if value is None]
+            if missing:  # found now rather than when the checkpoint is first served
+                raise ValueError(
+                    f"{type(datamodule).__name__} has a tokenizer but no {' or '.join(missing)}: checkpoints "
+                    "store them so that text is encoded in use as in training"
+                )
+            self.inference_config = {"tokenizer": datamodule.tokenizer.to_str(), **encoding}
             log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
             if self.trainer.is_global_zero and log_dir:
                 # The run folder carries its tokenizer too, for tools that read it without a checkpoint.

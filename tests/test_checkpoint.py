@@ -31,12 +31,6 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_constants_match_lit():
-    from gru_nlp import lit
-
-    assert (ckpt.CHECKPOINT_KEY, ckpt.CHECKPOINT_FORMAT) == (lit.CHECKPOINT_KEY, lit.CHECKPOINT_FORMAT)
-
-
 def test_real_lightning_checkpoint_loads_weights_only(tiny_checkpoint):
     checkpoint = load_checkpoint(tiny_checkpoint)
     model, tokenizer, labels, max_length, truncation = build_model(checkpoint)

@@ -3,6 +3,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -350,6 +351,45 @@ def test_integer_labels(tmp_path):
         ValueError, match=r"label 2 at row 6 of split 'test' .* not one of the training labels \[0, 1\]"
     ):
         data_module(tmp_path / "data", tmp_path, label_names=["bad", "good"]).num_classes
+
+
+def test_integer_labels_named_by_their_values_keep_their_classes(tmp_path):
+    # Star ratings or polarity labels 1 / 2, as in Yelp or Amazon: classes named "1" and "2", which a
+    # checkpoint stores and the CLI hands back as label_names when testing it.
+    def rated(rows: list[dict]) -> list[dict]:
+        return [{"text": row["text"], "label": 2 if row["label"] == "pos" else 1} for row in rows]
+
+    write(tmp_path / "data" / "train.jsonl", rated(TRAIN))
+    write(tmp_path / "data" / "test.jsonl", rated(TEST))
+    trained = data_module(tmp_path / "data", tmp_path)
+    assert trained.label_names == ["1", "2"]
+    for names, ids in ((["1", "2"], [0, 0, 0, 1, 1, 1]), (["2", "1"], [1, 1, 1, 0, 0, 0])):
+        dm = data_module(tmp_path / "data", tmp_path, label_names=names)
+        dm.setup("test")
+        assert dm.label_names == names
+        assert [label for _, _, label in examples(dm.test_dataloader())] == ids
+
+
+def test_label_names_that_repeat_a_class_are_an_error(tmp_path):
+    with pytest.raises(DataError, match=r"label_names \['pos', 'neg', 'pos'\] name a class twice: 'pos'"):
+        data_module(TINY, tmp_path, label_names=["pos", "neg", "pos"])
+
+
+@pytest.mark.parametrize(
+    "raised, expected",
+    [
+        (datasets.exceptions.DatasetNotFoundError("Dataset 'nobody/imdbb' doesn't exist on the Hub"), FileNotFoundError),
+        (ValueError("BuilderConfig 'sst3' not found. Available: ['sst2']"), DataError),
+    ],
+)
+def test_hub_loading_errors_name_the_dataset(tmp_path, monkeypatch, raised, expected):
+    def load_dataset(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(expected, match=f"'nobody/imdbb'.*{re.escape(str(raised))}") as error:
+        data_module("nobody/imdbb", tmp_path).num_classes
+    assert isinstance(error.value, DataError) and error.value.__cause__ is None
 
 
 def test_string_labels_follow_label_names(tmp_path):

@@ -6,6 +6,7 @@ SIGKILL mid-epoch, resume it, and compare it with an uninterrupted run of the sa
 """
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -197,6 +198,78 @@ def test_an_unreadable_ckpt_path_is_one_line_naming_it(tmp_path, capsys, content
     assert refused.value.code == 2
     err = capsys.readouterr().err
     assert str(ckpt) in err and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+@pytest.mark.parametrize("ckpt", [None, "last", "best"])
+def test_scoring_without_a_checkpoint_file_is_refused(tmp_path, capsys, subcommand, ckpt):
+    # Lightning would score the freshly initialised model (for "last" after one warning line).
+    extra = [] if ckpt is None else ["--ckpt_path", ckpt]
+    with pytest.raises(SystemExit) as refused:
+        run_cli([subcommand, *tiny_args(tmp_path, *extra)[1:]])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert f"gru-nlp {subcommand} with" in err and "would score an untrained model" in err and "Traceback" not in err
+    assert not (tmp_path / "cache").exists()  # refused before any data was read
+
+
+def test_testing_a_checkpoint_encodes_text_as_it_was_trained(tmp_path, capsys):
+    fit = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1", "--data.max_length", "6", "--data.truncation", "head"))
+    best = fit.trainer.checkpoint_callback.best_model_path
+    (expected,) = fit.trainer.test(ckpt_path=best, datamodule=fit.datamodule, verbose=False)
+    # tiny.yaml says max_length 64 and the default truncation is head_tail: the checkpoint's settings win.
+    tested = run_cli(["test", *tiny_args(tmp_path, "--ckpt_path", best)[1:]])
+    assert (tested.datamodule.hparams.max_length, tested.datamodule.hparams.truncation) == (6, "head")
+    assert tested.trainer.callback_metrics["test/loss"].item() == pytest.approx(expected["test/loss"])
+
+
+def test_validate_scores_the_side_weights_the_checkpoint_was_saved_with(tmp_path):
+    bag = ["--model.ngram_buckets", "64", "--model.ngram_order", "2", "--model.ngram_features", "naive_bayes"]
+    fit = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1", *bag))
+    best = fit.trainer.checkpoint_callback.best_model_path
+    saved = torch.load(best, weights_only=False)["state_dict"]["model.side_weights"]
+    assert saved.tolist() != [1.0, 1.0]  # fitted during fit
+    # Validating on other data must score the saved model, not refit the weights to that data.
+    validated = run_cli(["validate", *tiny_args(tmp_path, "--ckpt_path", best, "--data.val_split", "test")[1:]])
+    torch.testing.assert_close(validated.model.model.side_weights, saved, rtol=0, atol=0)
+    assert "val/side_weight_gru" not in validated.trainer.callback_metrics
+
+
+def test_predict_writes_every_text_in_row_order_as_the_api_classifies_it(tmp_path, capsys):
+    fit = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "2"))
+    best = fit.trainer.checkpoint_callback.best_model_path
+    # The test split with a row without text (skipped): the rows written keep the file's numbering.
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(REPO / "tests/fixtures/tiny/train.jsonl", data)
+    rows = [json.loads(line) for line in (REPO / "tests/fixtures/tiny/test.jsonl").read_text().splitlines()]
+    rows.insert(2, {"text": "  ", "label": "pos"})
+    (data / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    predict_args = tiny_args(tmp_path, "--ckpt_path", best, "--data.eval_batch_size", "7", "--data.path", str(data))
+    predicted = run_cli(["predict", *predict_args[1:]])
+    path = Path(predicted.trainer.log_dir) / "predictions.jsonl"
+    assert f"predictions: {path}" in capsys.readouterr().out
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["row"] for line in lines] == [row for row in range(len(rows)) if row != 2]
+    texts = [row["text"] for row in rows if row["text"].strip()]
+    assert [line["text"] for line in lines] == texts
+    from gru_nlp import TextClassifier
+
+    expected = TextClassifier.from_checkpoint(best, device="cpu").predict(texts)
+    assert [line["label"] for line in lines] == [p.label for p in expected]
+    for line, p in zip(lines, expected, strict=True):
+        assert line["score"] == pytest.approx(p.score, abs=1e-5) == line["probs"][p.label]
+
+
+def test_a_tokenizer_path_that_cannot_be_loaded_is_one_line_naming_it(tmp_path, capsys):
+    fit = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
+    best = fit.trainer.checkpoint_callback.best_model_path
+    missing = tmp_path / "nope.json"
+    with pytest.raises(SystemExit) as refused:
+        run_cli(["test", *tiny_args(tmp_path, "--ckpt_path", best, "--data.tokenizer_path", str(missing))[1:]])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--data.tokenizer_path: no tokenizer file at {missing}" in err and "Traceback" not in err
 
 
 def test_unusable_data_is_one_line_naming_it(tmp_path, capsys):
