@@ -249,7 +249,9 @@ def fit_side_weights(gru_logits: Tensor, ngram_logits: Tensor, labels: Tensor, m
     """The weights (w_gru, w_ngram) that minimise the cross-entropy of w_gru * gru + w_ngram * ngram.
 
     Temperature scaling (Guo et al. 2017) with one temperature per side: two numbers fitted
-    on held-out data, so they can only rescale the sides, not learn the data.
+    on held-out data, so they can only rescale the sides, not learn the data. They are fitted
+    as logarithms, so they stay positive: a side that misleads on held-out data is turned
+    down towards zero, never inverted.
 
     Args:
         gru_logits: (N, K) the GRU side's scores.
@@ -263,17 +265,17 @@ def fit_side_weights(gru_logits: Tensor, ngram_logits: Tensor, labels: Tensor, m
     with torch.inference_mode(False), torch.enable_grad():
         sides = torch.stack([gru_logits, ngram_logits]).float().clone()  # (2, N, K)
         labels = labels.clone()
-        weights = torch.ones(2, device=sides.device, requires_grad=True)  # (2,)
-        optimizer = torch.optim.LBFGS([weights], max_iter=max_iter, line_search_fn="strong_wolfe")
+        log_weights = torch.zeros(2, device=sides.device, requires_grad=True)  # (2,)
+        optimizer = torch.optim.LBFGS([log_weights], max_iter=max_iter, line_search_fn="strong_wolfe")
 
         def closure() -> Tensor:
             optimizer.zero_grad()
-            loss = F.cross_entropy((weights[:, None, None] * sides).sum(dim=0), labels)
+            loss = F.cross_entropy((log_weights.exp()[:, None, None] * sides).sum(dim=0), labels)
             loss.backward()
             return loss
 
         optimizer.step(closure)
-    return weights.detach()
+    return log_weights.detach().exp()
 
 
 class BiGRUClassifier(nn.Module):

@@ -230,6 +230,18 @@ def test_fit_side_weights_recovers_the_weights_that_made_the_labels():
     torch.testing.assert_close(weights, torch.tensor([0.3, 1.5]), atol=0.06, rtol=0)
 
 
+def test_a_side_that_misleads_is_turned_down_not_inverted():
+    # The GRU side scores the wrong class: an unconstrained fit would give it a negative weight,
+    # learning from the validation data instead of rescaling a side.
+    generator = torch.Generator().manual_seed(0)
+    ngram_logits = 2 * torch.randn(5000, 2, generator=generator)
+    labels = torch.multinomial(torch.softmax(ngram_logits, dim=-1), 1, generator=generator)[:, 0]
+    gru_logits = -ngram_logits + 2 * torch.randn(5000, 2, generator=generator)
+    weights = fit_side_weights(gru_logits, ngram_logits, labels)
+    assert (weights > 0).all()
+    assert weights[0] < 0.01 and weights[1] == pytest.approx(1.0, abs=0.1)
+
+
 def test_side_weights_weigh_the_served_logits_but_not_the_training_sum():
     torch.manual_seed(0)
     model = BiGRUClassifier(vocab_size=30, num_classes=2, embedding_dim=8, hidden_size=6, num_layers=1, dropout=0.0, embedding_dropout=0.0, ngram_buckets=11)
