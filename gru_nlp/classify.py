@@ -8,16 +8,20 @@ Each input text gives one output line, in input order:
 ``{"text": ..., "label": ..., "score": ..., "probs": {label: prob}}`` (plus ``"empty": true``
 for a text with nothing to read, and ``"explanation"`` with ``--explain``).
 
-``--input`` is read by its extension (UTF-8, with or without a byte-order mark):
+``--input`` is read by its extension (text formats as UTF-8, with or without a byte-order mark):
 
-* ``.csv``: the ``--text-field`` column, with a header row.
+* ``.csv``: the ``--text-field`` column (default ``text``), with a header row; an empty or
+  missing cell is an empty text.
+* ``.tsv``: the same, tab-separated.
 * ``.jsonl``: one JSON object per line, its ``--text-field`` field; blank lines are skipped.
 * ``.json``: one JSON list, of strings or of objects with the ``--text-field`` field.
+* ``.parquet``: the ``--text-field`` column, which must hold strings; a null is an empty text.
 * anything else: plain text, one text per line, blank lines included, so output line i
-  always belongs to input line i.
+  always belongs to input line i. ``--text-field`` does not apply (nor to texts given as
+  arguments or on stdin), and giving it is an error.
 
-Mistakes (a missing file, a bad checkpoint, a missing column, bad JSON) print one line to stderr
-and exit with status 2, without a traceback.
+Mistakes (a missing file, a bad checkpoint, a missing column, bad JSON, a file that is not
+parquet) print one line to stderr and exit with status 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ from gru_nlp.api import METHODS, TextClassifier
 CHUNK_SIZE = 2048
 # Below this many texts a progress bar is noise.
 PROGRESS_MIN_TEXTS = 2000
+# --input extensions read as columns or fields (--text-field); any other is read as plain lines.
+COLUMN_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+DEFAULT_TEXT_FIELD = "text"
 
 
 class InputError(ValueError):
@@ -56,12 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--input",
         type=Path,
-        help="file of texts: .csv, .jsonl or .json (see --text-field), else one text per line",
+        help="file of texts: .csv, .tsv, .jsonl, .json or .parquet (see --text-field), else one text per line",
     )
+    # Default None, not "text", so that run() can tell a --text-field given for plain lines.
     parser.add_argument(
         "--text-field",
-        default="text",
-        help="column holding the text in .csv input; field of each object in .jsonl / .json input",
+        default=None,
+        help=f"column holding the text in .csv / .tsv / .parquet input; field of each object in .jsonl / "
+        f".json input (default: {DEFAULT_TEXT_FIELD}); an error for other input",
     )
     parser.add_argument("--output", type=Path, help="write here (atomically) instead of stdout")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
@@ -88,13 +97,25 @@ def run(args: argparse.Namespace) -> None:
     """Classify the texts ``args`` names and write the JSON lines."""
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.texts and args.input is not None:
+        raise ValueError("give texts as arguments or --input, not both")
     if args.input is not None and not args.input.is_file():
         raise FileNotFoundError(f"input file not found: {args.input}")
+    reads_columns = not args.texts and args.input is not None and args.input.suffix.lower() in COLUMN_SUFFIXES
+    if args.text_field is not None and not reads_columns:
+        if args.texts:
+            given = "texts given as arguments"
+        elif args.input is None:
+            given = "plain lines from stdin"
+        else:
+            given = f"{args.input}, read as plain lines"
+        raise ValueError(f"--text-field applies to csv/tsv/jsonl/json/parquet inputs only, not to {given}")
+    text_field = DEFAULT_TEXT_FIELD if args.text_field is None else args.text_field
     classifier = TextClassifier.from_checkpoint(args.ckpt, device=args.device, quantize=args.quantize)
     if args.texts:
         texts: Iterable[str] = args.texts
     elif args.input is not None:
-        texts = read_texts(args.input, args.text_field)
+        texts = read_texts(args.input, text_field)
     else:
         texts = (line.rstrip("\r\n") for line in sys.stdin)
     show_progress = sys.stderr.isatty() and (args.input is not None or len(args.texts) >= PROGRESS_MIN_TEXTS)
@@ -139,14 +160,16 @@ def write_lines(
         progress.close()
 
 
-def read_texts(path: Path, text_field: str = "text") -> Iterator[str]:
-    """Texts from ``path``: a column of a .csv, a field of a .jsonl, a list in a .json, else one per line.
+def read_texts(path: Path, text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[str]:
+    """Texts from ``path``: a column of a .csv, .tsv or .parquet, a field of a .jsonl, a list in a .json,
+    else one per line.
 
     A UTF-8 byte-order mark (as Excel writes) is skipped.
 
     Raises:
-        InputError: the column or field is missing, a value is not a string, a .jsonl
-            line or a .json file is not JSON, or a .json file is not a list.
+        InputError: the column or field is missing, a value (or a .parquet column) is not a
+            string, a .jsonl line or a .json file is not JSON, a .json file is not a list,
+            or a .parquet file cannot be read as parquet.
     """
     try:
         yield from _read_texts(path, text_field)
@@ -157,12 +180,16 @@ def read_texts(path: Path, text_field: str = "text") -> Iterator[str]:
 
 def _read_texts(path: Path, text_field: str) -> Iterator[str]:
     suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        yield from _read_parquet(path, text_field)
+        return
+    delimited = suffix in (".csv", ".tsv")
     # "utf-8-sig" skips a byte-order mark, which would otherwise be part of the first column's name.
-    with path.open(encoding="utf-8-sig", newline="" if suffix == ".csv" else None) as file:
-        if suffix == ".csv":
+    with path.open(encoding="utf-8-sig", newline="" if delimited else None) as file:
+        if delimited:
             # Reviews can be long: lift the csv module's default 128 KiB limit per field.
             csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-            reader = csv.DictReader(file)
+            reader = csv.DictReader(file, delimiter="\t" if suffix == ".tsv" else ",")
             if reader.fieldnames is None or text_field not in reader.fieldnames:
                 raise InputError(
                     f"{path}: no column {text_field!r} (columns: {', '.join(reader.fieldnames or [])}); "
@@ -194,6 +221,38 @@ def _read_texts(path: Path, text_field: str) -> Iterator[str]:
         else:
             for line in file:
                 yield line.rstrip("\r\n")
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+    """The ``text_field`` column of a parquet file, read a chunk at a time; a null is an empty text."""
+    import pyarrow as pa  # a dependency of datasets; imported here, as only parquet input needs it
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        schema = parquet.schema_arrow
+        if text_field not in schema.names:
+            raise InputError(
+                f"{path}: no column {text_field!r} (columns: {', '.join(schema.names)}); choose one with --text-field"
+            )
+        column_type = schema.field(text_field).type
+        value_type = column_type.value_type if pa.types.is_dictionary(column_type) else column_type
+        if not (
+            pa.types.is_string(value_type)
+            or pa.types.is_large_string(value_type)
+            or getattr(pa.types, "is_string_view", lambda _: False)(value_type)
+            or pa.types.is_null(value_type)  # a column of nulls only: empty texts
+        ):
+            raise InputError(
+                f"{path}: column {text_field!r} holds {column_type}, not strings; choose a text column with --text-field"
+            )
+        for batch in parquet.iter_batches(batch_size=CHUNK_SIZE, columns=[text_field]):
+            for value in batch.column(0).to_pylist():
+                yield "" if value is None else value
+    except pa.ArrowException as error:
+        # e.g. "Parquet magic bytes not found in footer ..." for a file that is not parquet.
+        message = " ".join(str(error).split())
+        raise InputError(f"{path}: not a readable parquet file ({message})") from None
 
 
 def _field_text(record: object, text_field: str, where: str) -> str:

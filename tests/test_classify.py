@@ -7,9 +7,11 @@ import json
 import subprocess
 import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from gru_nlp.classify import main
+from gru_nlp.classify import build_parser, main
 
 
 def run(capsys, argv: list[str]) -> tuple[int, list[dict], str]:
@@ -50,25 +52,52 @@ def test_texts_from_stdin_keep_blank_lines(tiny_checkpoint, capsys, monkeypatch)
 @pytest.mark.parametrize(
     "name, content, field",
     [
-        ("texts.txt", "a bad film\ngood\n", "text"),
+        ("texts.txt", "a bad film\ngood\n", None),
         ("texts.csv", 'id,review\n1,a bad film\n2,"good"\n', "review"),
         ("texts.jsonl", '{"text": "a bad film", "label": "neg"}\n\n{"text": "good"}\n', "text"),
         ("texts.json", '["a bad film", "good"]', "text"),
         ("texts.json", '[{"review": "a bad film"}, {"review": "good", "id": 2}]', "review"),
         ("bom.csv", "\ufefftext,label\na bad film,neg\ngood,pos\n", "text"),
-        ("bom.txt", "\ufeffa bad film\ngood\n", "text"),
+        ("bom.txt", "\ufeffa bad film\ngood\n", None),
+        # The header row is read as column names, not classified; commas are not separators.
+        ("texts.tsv", "id\treview\tnote\n1\ta bad film\ta, b\n2\tgood\t\n", "review"),
+        ("bom.TSV", "\ufefftext\tlabel\r\na bad film\tneg\r\ngood\tpos\r\n", None),
     ],
-    ids=["txt", "csv", "jsonl", "json-strings", "json-objects", "csv-bom", "txt-bom"],
+    ids=["txt", "csv", "jsonl", "json-strings", "json-objects", "csv-bom", "txt-bom", "tsv", "tsv-bom-default-field"],
 )
 def test_texts_from_file_to_output_file(tiny_checkpoint, capsys, tmp_path, name, content, field):
     source = tmp_path / name
     source.write_text(content, encoding="utf-8")
     target = tmp_path / "out" / "predictions.jsonl"
-    argv = ["--ckpt", str(tiny_checkpoint), "--input", str(source), "--text-field", field, "--output", str(target)]
+    argv = ["--ckpt", str(tiny_checkpoint), "--input", str(source), "--output", str(target)]
+    argv += [] if field is None else ["--text-field", field]
     code, printed, _ = run(capsys, argv)
     assert code == 0 and printed == []
     check_records([json.loads(line) for line in target.read_text(encoding="utf-8").splitlines()], ["a bad film", "good"])
     assert [p.name for p in target.parent.iterdir()] == ["predictions.jsonl"]  # no temporary file left
+
+
+@pytest.mark.parametrize(
+    "column, field",
+    [
+        (pa.array(["a bad film", None, "good"]), None),
+        (pa.array(["a bad film", None, "good"], type=pa.large_string()), "review"),
+        (pa.array(["a bad film", None, "good"]).dictionary_encode(), "review"),
+    ],
+    ids=["string-default-field", "large-string", "dictionary"],
+)
+def test_parquet_column_is_read_with_nulls_as_empty_texts(tiny_checkpoint, capsys, tmp_path, column, field):
+    source = tmp_path / "texts.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3], field or "text": column}), source)
+    code, records, err = run(capsys, ["--ckpt", str(tiny_checkpoint), "--input", str(source)] + (["--text-field", field] if field else []))
+    assert code == 0, err
+    check_records(records, ["a bad film", "", "good"])  # one line per row, in row order
+    assert records[1]["empty"] is True and "empty" not in records[0]
+
+
+def test_help_lists_the_input_formats():
+    help_text = build_parser().format_help()
+    assert all(suffix in help_text for suffix in (".csv", ".tsv", ".jsonl", ".json", ".parquet"))
 
 
 def test_explain_adds_word_weights(tiny_checkpoint, capsys):
@@ -91,6 +120,15 @@ def test_explain_adds_word_weights(tiny_checkpoint, capsys):
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_write(tmp / "t.json", '["a",\n "b"'))], "t.json:2: not valid JSON"),
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_write(tmp / "t.json", '{"text": "a"}\n'))], "t.json: expected a JSON list"),
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_write(tmp / "t.json", '["a", {"body": "b"}]'))], "t.json: item 1: no field 'text'"),
+        (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_write(tmp / "t.tsv", "a\tb\n1\t2\n"))], "t.tsv: no column 'text' (columns: a, b)"),
+        (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_parquet(tmp / "t.parquet", body=["x"], label=[1]))], "t.parquet: no column 'text' (columns: body, label)"),
+        (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_parquet(tmp / "t.parquet", text=[1, 2]))], "t.parquet: column 'text' holds int64, not strings"),
+        (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_write(tmp / "t.parquet", "text\nhello\n"))], "t.parquet: not a readable parquet file"),
+        (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_write(tmp / "t.txt", "x\n")), "--text-field", "review"], "t.txt, read as plain lines"),
+        (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_write(tmp / "t.log", "x\n")), "--text-field", "text"], "--text-field applies to csv/tsv/jsonl/json/parquet inputs only"),
+        (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--text-field", "review"], "--text-field applies to csv/tsv/jsonl/json/parquet inputs only, not to plain lines from stdin"),
+        (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--text-field", "review", "x"], "not to texts given as arguments"),
+        (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_write(tmp / "t.txt", "x\n")), "y"], "give texts as arguments or --input, not both"),
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--batch-size", "0", "x"], "batch-size"),
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--device", "gpu", "x"], "device 'gpu' is not usable here"),
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--device", "gpu", "--quantize", "x"], "device 'gpu' is not usable"),
@@ -105,6 +143,15 @@ def test_explain_adds_word_weights(tiny_checkpoint, capsys):
         "json-syntax",
         "json-not-a-list",
         "json-item-field",
+        "tsv-column",
+        "parquet-column",
+        "parquet-not-strings",
+        "parquet-invalid",
+        "text-field-txt",
+        "text-field-other-extension",
+        "text-field-stdin",
+        "text-field-arguments",
+        "arguments-and-input",
         "batch-size",
         "device",
         "device-int8",
@@ -118,6 +165,11 @@ def test_errors_exit_2_with_one_line(tiny_checkpoint, capsys, tmp_path, setup, m
 
 def _write(path, content: str):
     path.write_text(content, encoding="utf-8")
+    return path
+
+
+def _parquet(path, **columns):
+    pq.write_table(pa.table(columns), path)
     return path
 
 
