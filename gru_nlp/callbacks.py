@@ -92,7 +92,11 @@ class PredictionWriter(L.Callback):
         self.rows: list[tuple[int, list[float]]] = []
 
     def on_predict_batch_end(self, trainer, pl_module, outputs: dict, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.rows += zip(outputs["index"].tolist(), outputs["probs"].tolist(), strict=True)
+        probs = outputs["probs"].tolist()
+        # Batches without an index (another data module's) are numbered in the order they come.
+        first = len(self.rows)
+        indices = outputs["index"].tolist() if "index" in outputs else range(first, first + len(probs))
+        self.rows += zip(indices, probs, strict=True)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = Path(trainer.log_dir or trainer.default_root_dir)

@@ -1,5 +1,6 @@
 """LitClassifier: schedule, checkpoint round trip, and both precisions on CPU."""
 
+import json
 import warnings
 from pathlib import Path
 
@@ -158,3 +159,21 @@ def test_validation_fits_the_side_weights_that_choose_and_serve_the_checkpoint(t
     trainer.save_checkpoint(path)
     classifier = TextClassifier.from_checkpoint(path, device="cpu")
     torch.testing.assert_close(classifier.model.side_weights, weights)
+
+
+def test_prediction_writer_numbers_batches_that_carry_no_index_in_order(tmp_path):
+    from gru_nlp.batching import collate
+    from gru_nlp.callbacks import PredictionWriter
+
+    torch.manual_seed(0)
+    model = LitClassifier(vocab_size=30, num_classes=2, label_names=["neg", "pos"], embedding_dim=8, hidden_size=6, num_layers=1)
+    sequences = [[3, 4, 5], [6, 7], [8], [9, 10, 11, 12], [13, 14]]
+    # Batches as another data module might serve them: collated, without TextDataModule's "index".
+    loader = torch.utils.data.DataLoader([{"input_ids": ids} for ids in sequences], batch_size=3, collate_fn=collate)
+    assert all("index" not in batch for batch in loader)
+    trainer = L.Trainer(accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_progress_bar=False, callbacks=[PredictionWriter()])
+    expected = torch.cat([prediction["probs"] for prediction in trainer.predict(model, loader)])  # (5, 2)
+    lines = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [line["index"] for line in lines] == [0, 1, 2, 3, 4]
+    torch.testing.assert_close(torch.tensor([[line["probs"]["neg"], line["probs"]["pos"]] for line in lines]), expected)
+    assert [line["label"] for line in lines] == [["neg", "pos"][i] for i in expected.argmax(-1).tolist()]
