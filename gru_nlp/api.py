@@ -46,7 +46,7 @@ from gru_nlp.checkpoint import build_model, load_checkpoint
 from gru_nlp.gates import reference_gru, update_strength
 from gru_nlp.gru import PaddingSafeGRU, reverse_within_lengths
 from gru_nlp.model import BiGRUClassifier
-from gru_nlp.tokenizer import UNK_ID, encode
+from gru_nlp.tokenizer import UNK_ID, encode, kept_positions
 
 Method = Literal["attention", "integrated_gradients", "grad_x_input"]
 METHODS = ("attention", "integrated_gradients", "grad_x_input")
@@ -426,11 +426,13 @@ class TextClassifier:
     def _token_spans(self, text: str, ids: list[int]) -> list[tuple[int | None, int | None]]:
         """Each kept token's (start, end) in ``text``; (None, None) for tokens from no characters.
 
-        ``encode`` returns ids only, so the kept tokens are matched to the full encoding's
-        offsets: truncation keeps a head and possibly a tail of it.
+        ``encode`` returns ids only, so the kept tokens are found in the full encoding by the
+        truncation policy itself (matching ids instead can pick the wrong cut when a token repeats).
         """
         full: Encoding = self.tokenizer.encode(text, add_special_tokens=False)
-        positions = _kept_positions(full.ids, ids)
+        positions: list[int | None] = kept_positions(len(full.ids), self.max_length, self.truncation)
+        if [full.ids[position] for position in positions] != ids:  # the placeholder of a text without tokens
+            positions = [None] * len(ids)
         spans: list[tuple[int | None, int | None]] = []
         for position in positions:
             start, end = full.offsets[position] if position is not None else (0, 0)
@@ -451,19 +453,6 @@ def _as_batch(texts: str | Iterable[str]) -> list[str]:
 def _has_readable_characters(text: str) -> bool:
     """Whether ``text`` holds a character other than whitespace, control (Cc) and format (Cf) ones."""
     return any(not char.isspace() and unicodedata.category(char) not in ("Cc", "Cf") for char in text)
-
-
-def _kept_positions(full: list[int], kept: list[int]) -> list[int | None]:
-    """Positions in ``full`` of the ``kept`` ids, which are a head of it plus a tail of it.
-
-    Returns one None per kept id when they do not line up that way (e.g. a placeholder).
-    """
-    n, k = len(full), len(kept)
-    if k <= n:
-        for head in range(k, -1, -1):
-            if kept[:head] == full[:head] and kept[head:] == full[n - (k - head) :]:
-                return list(range(head)) + list(range(n - (k - head), n))
-    return [None] * k
 
 
 def _word_of(span: tuple[int | None, int | None], starts: list[int], spans: list[tuple[int, int]]) -> int | None:

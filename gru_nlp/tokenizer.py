@@ -176,17 +176,24 @@ def encode(
     Returns:
         One list of ids per text, each of length 1 to `max_length`.
     """
-    if max_length < 1:
-        raise ValueError(f"max_length must be at least 1, got {max_length}")
-    if truncation not in ("head", "head_tail"):
-        raise ValueError(f"truncation must be 'head' or 'head_tail', got {truncation!r}")
-    head = max_length if truncation == "head" else max_length // 4
-    tail = max_length - head
+    kept_positions(0, max_length, truncation)  # checks the settings before any text is encoded
     tokenizer.encode_special_tokens = True
     sequences = []
     for encoding in tokenizer.encode_batch_fast(texts, add_special_tokens=False):
         ids = encoding.ids
         if len(ids) > max_length:
-            ids = ids[:head] + (ids[-tail:] if tail else [])
+            ids = [ids[position] for position in kept_positions(len(ids), max_length, truncation)]
         sequences.append(ids or [UNK_ID])
     return sequences
+
+
+def kept_positions(num_tokens: int, max_length: int, truncation: Literal["head", "head_tail"]) -> list[int]:
+    """Which of a text's `num_tokens` token positions `encode` keeps, in order (see `encode`)."""
+    if max_length < 1:
+        raise ValueError(f"max_length must be at least 1, got {max_length}")
+    if truncation not in ("head", "head_tail"):
+        raise ValueError(f"truncation must be 'head' or 'head_tail', got {truncation!r}")
+    if num_tokens <= max_length:
+        return list(range(num_tokens))
+    head = max_length if truncation == "head" else max_length // 4
+    return list(range(head)) + list(range(num_tokens - (max_length - head), num_tokens))

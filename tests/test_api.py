@@ -160,6 +160,20 @@ def test_gradient_explanations_include_the_ngram_bag_exactly(tiny_checkpoint):
     assert explanation.token_weights.sum() == pytest.approx(float(0.5 * (full - baseline) + 2.0 * bag_score), abs=0.05)
 
 
+def test_explanations_of_a_truncated_text_weigh_the_tokens_the_model_read(classifier):
+    # head_tail with max_length 9 reads the first 2 tokens and the last 7. The middle repeats the
+    # token after the head, so matching ids alone would also fit "the first 9 tokens".
+    words = ["a", ","] + ["."] * 12 + [",", "a"]  # single characters: one token each whatever the vocabulary
+    text = " ".join(words)
+    assert (classifier.max_length, classifier.truncation) == (9, "head_tail")
+    assert len(classifier.tokenizer.encode(text, add_special_tokens=False).ids) == len(words)  # one token per word
+    read = {0, 1, *range(len(words) - 7, len(words))}
+    for method in ("attention", "integrated_gradients"):
+        explanation = classifier.explain(text, method=method)
+        assert {i for i, weight in enumerate(explanation.weights) if weight > 0} == read
+        assert explanation.tokens == ["a", ","] + ["."] * 5 + [",", "a"]
+
+
 def test_explain_edge_cases_and_gates(classifier):
     empty = classifier.explain("")
     assert empty.words == [] and empty.weights.shape == (0,) and empty.prediction.empty
