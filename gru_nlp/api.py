@@ -26,6 +26,7 @@ Decisions a user should know:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import html
 import re
@@ -407,11 +408,11 @@ class TextClassifier:
             scales = ((torch.arange(steps, device=self.device) + 0.5) / steps)[:, None, None]  # (S, 1, 1)
         path = (scales * embedded).requires_grad_(True)  # (S, T, E)
         # cuDNN's RNN backward runs in training mode only; the eval-mode GRU here needs the native kernel.
-        # The switch is process-wide while it lasts: other threads' CUDA forwards run without cuDNN meanwhile.
-        with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
-            logits = _forward_from_embeddings(
-                self.model, input_ids.expand(len(scales), -1), lengths.expand(len(scales)), path
-            ).logits  # (S, K)
+        # The switch is process-wide while it lasts (other threads' CUDA forwards run without cuDNN
+        # meanwhile), so it is made on CUDA only.
+        no_cudnn = torch.backends.cudnn.flags(enabled=False) if self.device.type == "cuda" else contextlib.nullcontext()
+        with torch.enable_grad(), no_cudnn:
+            logits = self.model(input_ids.expand(len(scales), -1), lengths.expand(len(scales)), embedded=path).logits  # (S, K)
             (gradients,) = torch.autograd.grad(logits[:, target].sum(), path)  # (S, T, E)
         # Zero embedding is the baseline, so (x - baseline) is x itself.
         scores = (gradients.mean(dim=0) * embedded[0]).sum(dim=-1)  # (T,)
@@ -470,15 +471,6 @@ def _word_of(span: tuple[int | None, int | None], starts: list[int], spans: list
             high = middle
     word = low - 1
     return word if word >= 0 and start < spans[word][1] else None
-
-
-def _forward_from_embeddings(model: BiGRUClassifier, input_ids: Tensor, lengths: Tensor, embedded: Tensor):
-    """Run the model with its embedding output replaced by ``embedded`` (B, T, E)."""
-    handle = model.embedding.register_forward_hook(lambda module, args, output: embedded)
-    try:
-        return model(input_ids, lengths)
-    finally:
-        handle.remove()
 
 
 class Int8GRU(nn.Module):

@@ -345,18 +345,22 @@ class BiGRUClassifier(nn.Module):
             self.ngrams = NgramBag(vocab_size, ngram_buckets, num_classes, pad_id, ngram_order, ngram_features)
             self.register_buffer("side_weights", torch.ones(2))  # (w_gru, w_ngram)
 
-    def forward(self, input_ids: Tensor, lengths: Tensor) -> ClassifierOutput:
+    def forward(self, input_ids: Tensor, lengths: Tensor, embedded: Tensor | None = None) -> ClassifierOutput:
         """Classify a right-padded batch.
 
         Args:
             input_ids: (B, T) token ids, padded on the right.
             lengths: (B,) number of real tokens per row, each in [1, T].
+            embedded: (B, T, E) vectors to read instead of the embeddings of ``input_ids``
+                (gradient explanations pass scaled embeddings); ``input_ids`` still feed the
+                n-gram bag.
 
         Returns:
             ClassifierOutput with logits (B, K) and attention (B, T).
         """
         mask = lengths_to_mask(lengths.to(input_ids.device), input_ids.size(1))  # (B, T)
-        embedded = self.embedding(input_ids)  # (B, T, E)
+        if embedded is None:
+            embedded = self.embedding(input_ids)  # (B, T, E)
         if self.training and self.embedding_dropout > 0:
             keep = torch.rand(embedded.shape[:2], device=embedded.device) >= self.embedding_dropout  # (B, T)
             embedded = embedded * keep[..., None] / (1 - self.embedding_dropout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -172,6 +173,26 @@ def test_explanations_of_a_truncated_text_weigh_the_tokens_the_model_read(classi
         explanation = classifier.explain(text, method=method)
         assert {i for i, weight in enumerate(explanation.weights) if weight > 0} == read
         assert explanation.tokens == ["a", ","] + ["."] * 5 + [",", "a"]
+
+
+def test_explaining_in_one_thread_leaves_predictions_in_another_unchanged(classifier):
+    texts = ["a good film", "a bad film", "an okay film"]  # the same token length as the explained text
+    expected = classifier.predict_proba(texts)
+    stop = threading.Event()
+
+    def explain_until_stopped() -> None:
+        while not stop.is_set():
+            classifier.explain("a lovely film", method="integrated_gradients")
+
+    explainer = threading.Thread(target=explain_until_stopped)
+    explainer.start()
+    try:
+        results = [classifier.predict_proba(texts) for _ in range(100)]
+    finally:
+        stop.set()
+        explainer.join()
+    for probs in results:
+        np.testing.assert_allclose(probs, expected, atol=1e-6)
 
 
 def test_explain_edge_cases_and_gates(classifier):
