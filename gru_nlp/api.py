@@ -265,6 +265,36 @@ class TextClassifier:
         predictions = [self._prediction(text, row, token_ids) for text, row, token_ids in zip(batch, probs, ids)]
         return predictions[0] if single else predictions
 
+    def class_ids(self, labels: Iterable[str | int]) -> np.ndarray:
+        """(N,) class ids of gold labels, to score predictions against: names, or integers.
+
+        As training reads labels (`TextDataModule`): a string is a class name; integers are
+        class ids, unless every one is itself a class name (labels 1 and 2 of a model whose
+        classes are "1" and "2").
+
+        Raises:
+            ValueError: a label that is not one of this model's classes, named with its position.
+        """
+        labels = list(labels)
+        numbers = all(
+            isinstance(label, int | float | np.integer | np.floating) and not isinstance(label, bool) and float(label).is_integer()
+            for label in labels
+        )
+        if numbers:
+            labels = [int(label) for label in labels]
+        by_name = {name: i for i, name in enumerate(self.labels)}
+        as_ids = numbers and not all(str(label) in by_name for label in labels)
+        ids = []
+        for position, label in enumerate(labels):
+            if as_ids:
+                class_id = label if 0 <= label < len(self.labels) else None
+            else:
+                class_id = by_name.get(label if isinstance(label, str) else str(label))
+            if class_id is None:
+                raise ValueError(f"label {label!r} at position {position} is not one of the model's classes {self.labels}")
+            ids.append(class_id)
+        return np.array(ids, dtype=np.int64)
+
     def predict_proba(self, texts: str | list[str], batch_size: int = 64) -> np.ndarray:
         """(N, K) float32 probabilities in input order, columns in ``labels`` order (N=1 for one str)."""
         return self._predict_ids(self._encode(_as_batch(texts)), batch_size)

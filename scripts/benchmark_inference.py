@@ -3,8 +3,8 @@
     python scripts/benchmark_inference.py --ckpt best.ckpt --data ../shared/data/imdb --limit 2000
 
 Reports, for each variant: texts/s when classifying the test texts in batches, the
-median and p95 latency of classifying one text at a time, and test accuracy. Label
-names are matched to the parquet's integer labels by position (0 = first label).
+median and p95 latency of classifying one text at a time, and test accuracy. The parquet's
+labels are matched to the checkpoint's classes as training reads them (`TextClassifier.class_ids`).
 """
 
 from __future__ import annotations
@@ -54,16 +54,21 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    if not (args.data / "test.parquet").is_file():
+        parser.error(f"no test.parquet in {args.data}")
     table = pq.read_table(args.data / "test.parquet", columns=["text", "label"])
-    texts, labels = table.column("text").to_pylist(), table.column("label").to_numpy()
+    texts, labels = table.column("text").to_pylist(), table.column("label").to_pylist()
     # IMDB's test file is sorted by label; shuffle so a --limit subset holds both classes.
     order = np.random.default_rng(0).permutation(len(texts))[: args.limit]
-    texts, labels = [texts[i] for i in order], labels[order]
+    texts, labels = [texts[i] for i in order], [labels[i] for i in order]
 
     results = {"texts": len(texts), "threads": torch.get_num_threads()}
     for name, quantize in [("fp32", False), ("int8", True)]:
-        classifier = TextClassifier.from_checkpoint(args.ckpt, device="cpu", quantize=quantize)
-        results[name] = measure(classifier, texts, labels, args.batch_size, args.single)
+        try:
+            classifier = TextClassifier.from_checkpoint(args.ckpt, device="cpu", quantize=quantize)
+        except (OSError, ValueError) as err:  # missing or unusable checkpoint (CheckpointError is a ValueError)
+            parser.error(str(err))
+        results[name] = measure(classifier, texts, classifier.class_ids(labels), args.batch_size, args.single)
     print(json.dumps(results, indent=2))
 
 

@@ -27,13 +27,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
 
-    classifier = TextClassifier.from_checkpoint(args.ckpt, device="cpu")
+    if not (args.data / "test.parquet").is_file():
+        parser.error(f"no test.parquet in {args.data}")
+    try:
+        classifier = TextClassifier.from_checkpoint(args.ckpt, device="cpu")
+    except (OSError, ValueError) as err:  # missing or unusable checkpoint (CheckpointError is a ValueError)
+        parser.error(str(err))
     if classifier.model.ngrams is None:
         parser.error(f"{args.ckpt} has no n-gram bag (ngram_buckets was 0): there is only one side to score")
-    # The parquet stores class ids (IMDB: 0 = neg, 1 = pos), matched to the checkpoint's labels by position.
     print(f"labels by id: {classifier.labels}")
     table = pq.read_table(args.data / "test.parquet", columns=["text", "label"])
-    texts, labels = table.column("text").to_pylist(), torch.tensor(table.column("label").to_pylist())
+    # Names or ids (IMDB's parquet: 0 = neg, 1 = pos), matched to the classes as training reads them.
+    texts, labels = table.column("text").to_pylist(), torch.from_numpy(classifier.class_ids(table.column("label").to_pylist()))
 
     correct = {"both (as served)": 0, "GRU side alone": 0, "n-gram bag alone": 0}
     weights = [round(weight, 4) for weight in classifier.model.side_weights.tolist()]

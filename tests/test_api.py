@@ -195,6 +195,16 @@ def test_explaining_in_one_thread_leaves_predictions_in_another_unchanged(classi
         np.testing.assert_allclose(probs, expected, atol=1e-6)
 
 
+def test_class_ids_read_gold_labels_as_training_does(classifier):
+    assert classifier.labels == ["neg", "neu", "pos"]
+    assert classifier.class_ids(["pos", "neg", "neu"]).tolist() == [2, 0, 1]
+    assert classifier.class_ids([2, 0, 1.0, np.int64(1)]).tolist() == [2, 0, 1, 1]  # integers are ids
+    with pytest.raises(ValueError, match=r"label 'great' at position 1 is not one of the model's classes"):
+        classifier.class_ids(["pos", "great"])
+    with pytest.raises(ValueError, match="label 3 at position 0"):
+        classifier.class_ids([3, 0])
+
+
 def test_explain_edge_cases_and_gates(classifier):
     empty = classifier.explain("")
     assert empty.words == [] and empty.weights.shape == (0,) and empty.prediction.empty
