@@ -26,6 +26,8 @@ SPECIAL_TOKENS = [PAD_TOKEN, UNK_TOKEN]  # order fixes the ids above
 SUBWORD_PREFIX = "##"
 
 _TRAIN_BATCH_SIZE = 1000
+# The longest word WordPiece splits into subwords rather than reading as one [UNK].
+_LONGEST_WORD = 1000
 
 
 def train_tokenizer(
@@ -38,8 +40,8 @@ def train_tokenizer(
     """Train a subword tokenizer on raw texts.
 
     The normalizer replaces HTML line breaks (`<br />`, common in IMDB) with a
-    space, applies NFKC and optionally lowercases; the pre-tokenizer splits on
-    whitespace and punctuation (BERT's rules).
+    space, applies NFKC, spaces out CJK ideographs, and optionally lowercases; the
+    pre-tokenizer splits on whitespace and punctuation (BERT's rules).
 
     Args:
         texts: The training texts; read once, in batches.
@@ -61,12 +63,21 @@ def train_tokenizer(
         raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS)}, got {vocab_size}")
 
     if model == "wordpiece":
-        tokenizer = Tokenizer(models.WordPiece(unk_token=UNK_TOKEN, continuing_subword_prefix=SUBWORD_PREFIX))
+        # A word longer than max_input_chars_per_word (100 by default) becomes one [UNK]; split into
+        # subwords instead, so a long unbroken run of letters is still read.
+        tokenizer = Tokenizer(
+            models.WordPiece(unk_token=UNK_TOKEN, continuing_subword_prefix=SUBWORD_PREFIX, max_input_chars_per_word=_LONGEST_WORD)
+        )
         trainer_cls = trainers.WordPieceTrainer
     else:
         tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN, continuing_subword_prefix=SUBWORD_PREFIX))
         trainer_cls = trainers.BpeTrainer
-    steps = [normalizers.Replace(Regex(r"(?i)<br\s*/?>"), " "), normalizers.NFKC()]
+    steps = [
+        normalizers.Replace(Regex(r"(?i)<br\s*/?>"), " "),
+        normalizers.NFKC(),
+        # Chinese, Japanese and Korean ideographs are written without spaces: one word each, as in BERT.
+        normalizers.BertNormalizer(clean_text=False, handle_chinese_chars=True, strip_accents=False, lowercase=False),
+    ]
     if lowercase:
         steps.append(normalizers.Lowercase())
     tokenizer.normalizer = normalizers.Sequence(steps)

@@ -42,6 +42,14 @@ def test_line_breaks_are_removed(tokenizer):
     )
 
 
+def test_long_words_and_cjk_text_are_read_not_one_unk():
+    tokenizer = train_tokenizer(TEXTS + ["好电影 很好看"], vocab_size=120, min_frequency=1)
+    cjk = tokenizer.encode("好电影", add_special_tokens=False).tokens
+    assert cjk == ["好", "电", "影"]  # one word per ideograph, as BERT splits them
+    long_word = tokenizer.encode("dull" * 30, add_special_tokens=False).ids  # 120 letters, no space
+    assert UNK_ID not in long_word and len(long_word) > 1
+
+
 def test_lowercase_is_optional():
     tokenizer = train_tokenizer(TEXTS, vocab_size=120, lowercase=False, min_frequency=1)
     assert "A" in tokenizer.get_vocab()
