@@ -149,6 +149,9 @@ def write_lines(
                 explanation = classifier.explain(prediction.text, method=args.method)
                 record["explanation"] = {
                     "method": explanation.method,
+                    # The fp32 model's label, which the weights explain; with --quantize the line's own
+                    # label is the int8 model's and can differ near a tie.
+                    "label": explanation.prediction.label,
                     "words": explanation.words,
                     "weights": [round(float(w), 6) for w in explanation.weights],
                     "attributions": [round(float(a), 6) for a in explanation.attributions],

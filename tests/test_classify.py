@@ -106,6 +106,7 @@ def test_explain_adds_word_weights(tiny_checkpoint, capsys):
     explanation = records[0]["explanation"]
     assert explanation["method"] == "grad_x_input" and explanation["words"] == ["good", "film"]
     assert sum(explanation["weights"]) == pytest.approx(1.0, abs=1e-4)
+    assert explanation["label"] == records[0]["label"]  # fp32 both: the explained label is the one served
 
 
 @pytest.mark.parametrize(
