@@ -277,7 +277,9 @@ class TextClassifier:
         """
         labels = list(labels)
         numbers = all(
-            isinstance(label, int | float | np.integer | np.floating) and not isinstance(label, bool) and float(label).is_integer()
+            isinstance(label, int | float | np.integer | np.floating)
+            and not isinstance(label, bool)
+            and float(label).is_integer()
             for label in labels
         )
         if numbers:

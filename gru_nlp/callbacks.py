@@ -91,7 +91,9 @@ class PredictionWriter(L.Callback):
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.rows: list[tuple[int, list[float]]] = []
 
-    def on_predict_batch_end(self, trainer, pl_module, outputs: dict, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_end(
+        self, trainer, pl_module, outputs: dict, batch: dict, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         probs = outputs["probs"].tolist()
         # Batches without an index (another data module's) are numbered in the order they come.
         first = len(self.rows)

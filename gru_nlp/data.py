@@ -748,7 +748,12 @@ def _check_labels(labels: list, rows: list[int], label_ids: dict[Any, int], spli
 
 
 def _standardize(
-    batch: dict[str, list], indices: list[int], text_field: str, label_field: str, label_ids: dict[Any, int], source_rows: list[int] | None
+    batch: dict[str, list],
+    indices: list[int],
+    text_field: str,
+    label_field: str,
+    label_ids: dict[Any, int],
+    source_rows: list[int] | None,
 ) -> dict:
     """The text, class id, and row in the source split (`source_rows` maps kept rows back; None: none skipped)."""
     return {

@@ -6,8 +6,8 @@ import math
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.trainer.states import TrainerFn
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -241,7 +241,9 @@ class LitClassifier(L.LightningModule):
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "tokenizer"):
-            encoding = {name: datamodule.hparams.get(name, getattr(datamodule, name, None)) for name in ("max_length", "truncation")}
+            encoding = {
+                name: datamodule.hparams.get(name, getattr(datamodule, name, None)) for name in ("max_length", "truncation")
+            }
             missing = [name for name, value in encoding.items() if value is None]
             if missing:  # found now rather than when the checkpoint is first served
                 raise ValueError(

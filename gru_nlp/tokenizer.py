@@ -66,7 +66,9 @@ def train_tokenizer(
         # A word longer than max_input_chars_per_word (100 by default) becomes one [UNK]; split into
         # subwords instead, so a long unbroken run of letters is still read.
         tokenizer = Tokenizer(
-            models.WordPiece(unk_token=UNK_TOKEN, continuing_subword_prefix=SUBWORD_PREFIX, max_input_chars_per_word=_LONGEST_WORD)
+            models.WordPiece(
+                unk_token=UNK_TOKEN, continuing_subword_prefix=SUBWORD_PREFIX, max_input_chars_per_word=_LONGEST_WORD
+            )
         )
         trainer_cls = trainers.WordPieceTrainer
     else:
