@@ -317,8 +317,10 @@ class PaddingSafeGRU(nn.Module):
     def _forward_fused(self, x: Tensor, lengths: Tensor) -> Tensor:
         """CPU path: both directions of a layer in one ``_FusedGRULayer`` call."""
         padded_steps = x.size(1)
-        # Steps past the longest sequence hold only padding; skip them (one host sync).
-        steps = int(lengths.max())
+        # Steps past the longest sequence hold only padding; skip them (one host sync, on CPU).
+        shortest, steps = (int(value) for value in lengths.aminmax())
+        if shortest < 1 or steps > padded_steps:
+            raise ValueError(f"lengths must be in [1, {padded_steps}] (the padded length), got {shortest} to {steps}")
         mask = torch.arange(steps, device=x.device)[:, None] < lengths[None, :]  # (T', B)
         rows = _reversal_rows(lengths, steps)  # (T'*B,)
         hidden = x[:, :steps].transpose(0, 1)  # (T', B, E)

@@ -165,3 +165,10 @@ def test_dropout_between_layers_keeps_one_mask_along_time() -> None:
     outputs = gru._drop_between_layers(torch.ones(STEPS, BATCH, 2 * HIDDEN), time_dim=0)  # (T, B, 2H)
     assert torch.equal(outputs, outputs[:1].expand_as(outputs))  # same units dropped at every step
     assert set(outputs.unique().tolist()) == {0.0, 2.0}  # kept units scaled by 1 / (1 - p)
+
+
+@pytest.mark.parametrize("lengths", [[4, 0], [4, 5]], ids=["empty-row", "longer-than-padded"])
+def test_lengths_outside_the_padded_batch_are_an_error(lengths: list[int]) -> None:
+    gru = PaddingSafeGRU(3, 4, num_layers=1)
+    with pytest.raises(ValueError, match=r"lengths must be in \[1, 4\] \(the padded length\), got"):
+        gru(torch.randn(2, 4, 3), torch.tensor(lengths))
