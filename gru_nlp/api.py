@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from gru_nlp.checkpoint import build_model, load_checkpoint
 from gru_nlp.gates import reference_gru, update_strength
 from gru_nlp.gru import PaddingSafeGRU, reverse_within_lengths
+from gru_nlp.labels import integer_label_ids
 from gru_nlp.model import BiGRUClassifier
 from gru_nlp.tokenizer import UNK_ID, encode, kept_positions
 
@@ -284,14 +285,12 @@ class TextClassifier:
         )
         if numbers:
             labels = [int(label) for label in labels]
-        by_name = {name: i for i, name in enumerate(self.labels)}
-        as_ids = numbers and not all(str(label) in by_name for label in labels)
+            lookup = integer_label_ids(labels, self.labels)
+        else:
+            lookup = {name: i for i, name in enumerate(self.labels)}
         ids = []
         for position, label in enumerate(labels):
-            if as_ids:
-                class_id = label if 0 <= label < len(self.labels) else None
-            else:
-                class_id = by_name.get(label if isinstance(label, str) else str(label))
+            class_id = lookup.get(label)
             if class_id is None:
                 raise ValueError(f"label {label!r} at position {position} is not one of the model's classes {self.labels}")
             ids.append(class_id)

@@ -27,6 +27,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from gru_nlp.batching import BucketBatchSampler, collate
+from gru_nlp.labels import integer_label_ids
 from gru_nlp.tokenizer import PAD_ID, encode, load_tokenizer, save_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -723,11 +724,8 @@ def _label_ids(
         ids = {name: i for i, name in enumerate(names)}
     elif all(isinstance(label, int | float) and float(label).is_integer() for label in labels):
         values = sorted({int(label) for label in labels})
-        if label_names and all(str(value) in label_names for value in values):
-            # Named by their own values: the names a checkpoint stores for labels 1 and 2, say.
-            names, ids = label_names, {value: list(label_names).index(str(value)) for value in values}
-        elif label_names:
-            names, ids = label_names, {i: i for i in range(len(label_names))}
+        if label_names:
+            names, ids = label_names, integer_label_ids(values, label_names)
         else:
             names, ids = [str(value) for value in values], {value: i for i, value in enumerate(values)}
     else:
