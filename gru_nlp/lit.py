@@ -1,4 +1,5 @@
-"""The LightningModule around BiGRUClassifier: loss, metrics, optimiser, schedule, checkpoint extras."""
+"""The LightningModules: LitClassifier around BiGRUClassifier (loss, metrics, optimiser, schedule,
+checkpoint extras) and LitLanguageModel around BiGRULanguageModel (encoder pretraining)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from gru_nlp.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY
+from gru_nlp.language_model import BiGRULanguageModel
 from gru_nlp.model import BiGRUClassifier, NgramFeatures, Pooling, fit_side_weights
 from gru_nlp.tokenizer import save_tokenizer
 
@@ -225,18 +227,13 @@ class LitClassifier(L.LightningModule):
             lr=self.hparams.lr,
             # One fused kernel per step instead of a dozen foreach passes: the optimiser step
             # alone measured about 3x faster on CPU, where it covers the whole embedding table.
-            fused=self._fused_optimizer_supported(),
+            fused=_fused_optimizer_supported(self),
         )
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         warmup_steps = int(self.hparams.warmup * total_steps)
         schedule = warmup_cosine(warmup_steps, total_steps, self.hparams.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _fused_optimizer_supported(self) -> bool | None:
-        """True where torch has a fused AdamW for these parameters' device; None lets torch choose."""
-        devices = {parameter.device.type for parameter in self.parameters()}
-        return True if devices <= {"cpu", "cuda"} else None
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -278,6 +275,63 @@ class LitClassifier(L.LightningModule):
         extras.pop("format_version", None)
         extras.pop("label_names", None)
         self.inference_config = extras
+
+
+class LitLanguageModel(L.LightningModule):
+    """Pretrains a BiGRULanguageModel; logs train/loss and val/loss in nats per predicted token.
+
+    Args:
+        vocab_size: the tokenizer's vocabulary size.
+        embedding_dim, hidden_size: E and H, as the classifier to be fine-tuned will use.
+        pad_id: the tokenizer's padding id.
+        dropout: on the embeddings and on the states before the softmax.
+        lr, weight_decay, warmup, min_lr_ratio: as for LitClassifier.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_dim: int = 128,
+        hidden_size: int = 128,
+        pad_id: int = 0,
+        dropout: float = 0.1,
+        lr: float = 2e-3,
+        weight_decay: float = 0.01,
+        warmup: float = 0.02,
+        min_lr_ratio: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = BiGRULanguageModel(vocab_size, embedding_dim, hidden_size, pad_id, dropout)
+
+    def _step(self, batch: dict[str, Tensor], name: str) -> Tensor:
+        loss = self.model(batch["input_ids"], batch["lengths"])
+        predicted_tokens = 2 * int((batch["lengths"] - 1).sum())
+        self.log(name, loss, prog_bar=True, batch_size=max(1, predicted_tokens), sync_dist=name.startswith("val"))
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train/loss")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val/loss")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, parameter in self.model.named_parameters():
+            (no_decay if parameter.ndim < 2 or name.startswith("embedding.") else decay).append(parameter)
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, fused=_fused_optimizer_supported(self))
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = warmup_cosine(int(self.hparams.warmup * total_steps), total_steps, self.hparams.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _fused_optimizer_supported(module: nn.Module) -> bool | None:
+    """True where torch has a fused AdamW for the module's parameters' device; None lets torch choose."""
+    devices = {parameter.device.type for parameter in module.parameters()}
+    return True if devices <= {"cpu", "cuda"} else None
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):

@@ -1,0 +1,129 @@
+"""Pretrain the classifier's embedding and first GRU layer as a language model on IMDB text.
+
+Trains a tokenizer on the labelled training reviews and the 50,000 unlabelled ones (never
+the test reviews), then a bidirectional language model (`gru_nlp.language_model`) on the
+same texts, and writes into `--out`:
+
+    tokenizer.json   the tokenizer, for `--data.tokenizer_path`
+    encoder.pt       the embedding and first GRU layer, for `--model.encoder_path`
+
+then fine-tune from them:
+
+    python scripts/pretrain_imdb.py --data ../shared/data/imdb --out runs/pretrain
+    python scripts/train_imdb.py --data.path ../shared/data/imdb \\
+        --data.tokenizer_path runs/pretrain/tokenizer.json --model.encoder_path runs/pretrain/encoder.pt
+
+`--data` is a folder with `train.parquet` and `unsup.parquet` (as in ../shared/data/imdb),
+or a Hugging Face dataset name, with `--splits train unsupervised` for `stanfordnlp/imdb`.
+The last 1% of the texts (at most 500) are held out to report the language model's
+validation loss, in nats per predicted token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from gru_nlp.batching import BucketBatchSampler, collate
+from gru_nlp.language_model import save_encoder
+from gru_nlp.lit import LitLanguageModel
+from gru_nlp.tokenizer import PAD_ID, encode, save_tokenizer, train_tokenizer
+
+
+def load_texts(data: str, splits: list[str], text_field: str) -> list[str]:
+    """The non-empty texts of `splits`, from a local folder of `<split>.parquet` files or the Hub."""
+    from datasets import load_dataset
+
+    folder = Path(data)
+    if folder.is_dir():
+        files = {split: folder / f"{split}.parquet" for split in splits}
+        missing = [str(file) for file in files.values() if not file.is_file()]
+        if missing:
+            sys.exit(f"pretrain_imdb: no {', '.join(missing)} (--data is a folder of <split>.parquet files)")
+        dataset = load_dataset("parquet", data_files={split: str(file) for split, file in files.items()})
+    else:
+        dataset = load_dataset(data)
+    texts = []
+    for split in splits:
+        if split not in dataset:
+            sys.exit(f"pretrain_imdb: {data} has no split {split!r}; it has {', '.join(dataset)}")
+        if text_field not in dataset[split].column_names:
+            sys.exit(f"pretrain_imdb: split {split!r} of {data} has no column {text_field!r}")
+        texts += [text for text in dataset[split][text_field] if isinstance(text, str) and text.strip()]
+    return texts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/imdb")
+    parser.add_argument("--splits", nargs="+", default=["train", "unsup"], help="splits whose texts the model reads")
+    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--out", default="runs/pretrain", help="folder for tokenizer.json, encoder.pt and the logs")
+    parser.add_argument("--vocab-size", type=int, default=30000, help="as configs/imdb.yaml")
+    parser.add_argument("--max-length", type=int, default=400, help="tokens read per text (its head)")
+    parser.add_argument("--embedding-dim", type=int, default=128, help="as the classifier's model.embedding_dim")
+    parser.add_argument("--hidden-size", type=int, default=128, help="as the classifier's model.hidden_size")
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the texts (a fraction stops early)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    L.seed_everything(args.seed, verbose=False)
+
+    texts = load_texts(args.data, args.splits, args.text_field)
+    if len(texts) < 2:
+        sys.exit(f"pretrain_imdb: {args.data} has {len(texts)} non-empty texts in {', '.join(args.splits)}; at least 2 are needed")
+    tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size)
+    ids = encode(tokenizer, texts, args.max_length, "head")
+    held_out = max(1, min(500, len(ids) // 100))
+    train_ids, val_ids = ids[:-held_out], ids[-held_out:]
+    print(f"{len(texts):,} texts ({held_out:,} held out), {sum(map(len, ids)):,} tokens, {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+
+    lit = LitLanguageModel(tokenizer.get_vocab_size(), args.embedding_dim, args.hidden_size, PAD_ID, lr=args.lr)
+    counts = torch.bincount(torch.tensor([token for text in train_ids for token in text]), minlength=tokenizer.get_vocab_size())
+    lit.model.set_token_counts(counts)
+
+    def loader(sequences: list[list[int]], shuffle: bool) -> DataLoader:
+        examples = [{"input_ids": sequence} for sequence in sequences]
+        sampler = BucketBatchSampler([len(sequence) for sequence in sequences], args.batch_size, shuffle=shuffle, seed=args.seed)
+        return DataLoader(examples, batch_sampler=sampler, collate_fn=collate)
+
+    class Progress(L.Callback):
+        def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if not trainer.sanity_checking:
+                val_loss = float(trainer.callback_metrics["val/loss"])
+                minutes = (time.perf_counter() - start) / 60
+                print(f"step {trainer.global_step}: val/loss {val_loss:.4f}, {minutes:.1f} min", flush=True)
+
+    steps_per_epoch = -(-len(train_ids) // args.batch_size)
+    trainer = L.Trainer(
+        max_steps=max(1, round(args.epochs * steps_per_epoch)),
+        gradient_clip_val=1.0,
+        default_root_dir=args.out,
+        val_check_interval=min(steps_per_epoch, 500),
+        check_val_every_n_epoch=None,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        log_every_n_steps=50,
+        callbacks=[Progress()],
+    )
+    trainer.fit(lit, loader(train_ids, shuffle=True), loader(val_ids, shuffle=False))
+    out = Path(args.out)
+    save_tokenizer(tokenizer, out / "tokenizer.json")
+    save_encoder(lit.model, tokenizer.to_str(), out / "encoder.pt")
+    val_loss = float(trainer.callback_metrics["val/loss"])
+    print(
+        f"val/loss {val_loss:.4f} nats per token (perplexity {torch.tensor(val_loss).exp():.1f}) after {trainer.global_step} steps, "
+        f"{(time.perf_counter() - start) / 60:.1f} min; wrote {out / 'tokenizer.json'} and {out / 'encoder.pt'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
