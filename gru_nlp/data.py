@@ -430,6 +430,25 @@ class TextDataModule(L.LightningDataModule):
         return tokenizer
 
 
+def load_texts(path: str, splits: Collection[str], text_field: str = "text", cache_dir: str | None = None) -> list[str]:
+    """The non-blank texts of `splits`, labels ignored (for language-model pretraining).
+
+    `path` is read as `TextDataModule` reads it: a Hub dataset, or a local folder of data
+    files named by split (`train.parquet`, `unsup.parquet`, ...). Texts come split by split,
+    in file order.
+    """
+    loaded, sources = _load_raw_splits(path, None, splits, cache_dir)
+    texts = []
+    for split in splits:
+        if split not in loaded:
+            there = f"; it has {', '.join(sorted(sources))}" if sources else ""
+            raise DataNotFoundError(f"{path} has no split {split!r}{there}")
+        if text_field not in loaded[split].column_names:
+            raise DataError(f"{sources[split]} has no column {text_field!r} (columns: {', '.join(loaded[split].column_names)})")
+        texts += [text for text in _column_values(loaded[split], text_field) if isinstance(text, str) and text.strip()]
+    return texts
+
+
 def _tail_rows(labels: list[int], val_size: float) -> tuple[list[int], list[int]]:
     """Row numbers (train, validation): each class's last rows, in proportion to its share, validate.
 

@@ -44,11 +44,13 @@ class SampledSoftmax(nn.Module):
     """Softmax cross-entropy over C classes, estimated in training from a sample of classes.
 
     In training, `num_sampled` classes are drawn (with replacement) for the whole batch
-    from the counts given to `set_class_counts`, raised to 0.75 as in word2vec; each row is
-    scored against its target and these samples, every logit minus the log of how often
-    its class is expected among the samples: the sampled softmax of Jean et al. (2015),
-    whose gradient approaches the full softmax's as the sample grows. A sample that equals
-    a row's target is left out of that row. Outside training the loss is the exact one.
+    from the counts given to `set_class_counts`, raised to 0.75 as in word2vec. Each row's
+    softmax covers its target and the samples, each sample's logit minus the log of how
+    often its class is expected among them, so that the samples' exponentials sum, on
+    average, to those of all other classes: the loss approaches the full softmax's as the
+    sample grows (the importance sampling of Jean et al. 2015, without the target among the
+    samples). A sample equal to a row's target is left out of that row. Outside training
+    the loss is the exact one.
     """
 
     def __init__(self, in_features: int, num_classes: int, num_sampled: int = 512) -> None:
@@ -74,7 +76,7 @@ class SampledSoftmax(nn.Module):
         probs = self.sampling_weights / self.sampling_weights.sum()  # (C,)
         sampled = torch.multinomial(probs, self.num_sampled, replacement=True)  # (S,)
         log_expected = torch.log(self.num_sampled * probs)  # (C,): log of each class's expected count in the sample
-        target_logits = (inputs * self.weight[targets]).sum(-1) + self.bias[targets] - log_expected[targets]  # (N,)
+        target_logits = (inputs * self.weight[targets]).sum(-1) + self.bias[targets]  # (N,)
         sampled_logits = F.linear(inputs, self.weight[sampled], self.bias[sampled] - log_expected[sampled])  # (N, S)
         sampled_logits.masked_fill_(sampled[None, :] == targets[:, None], float("-inf"))
         # -log softmax of the target among [target, samples], without building the (N, 1 + S) logits

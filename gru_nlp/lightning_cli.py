@@ -30,6 +30,7 @@ from gru_nlp.callbacks import (
 )
 from gru_nlp.checkpoint import CHECKPOINT_KEY, CheckpointError, load_checkpoint, stored_tokenizer
 from gru_nlp.data import DEFAULT_CACHE_DIR, DataError, TextDataModule
+from gru_nlp.language_model import EncoderError
 from gru_nlp.lit import LitClassifier
 from gru_nlp.tokenizer import load_tokenizer, save_tokenizer
 
@@ -247,7 +248,7 @@ def run_cli(args: list[str] | None = None, **kwargs) -> GruNlpCLI:
 
     ``args`` are the command-line arguments after the program name; None reads ``sys.argv``.
 
-    Unusable data, output folder or checkpoint exits with status 2 and a one-line message; a SIGTERM during
+    Unusable data, output folder, checkpoint or pretrained encoder exits with status 2 and a one-line message; a SIGTERM during
     ``fit`` exits with status 143 after `ResumeCheckpoint` saved ``last.ckpt``.
     """
     keep_freed_memory()
@@ -262,7 +263,7 @@ def run_cli(args: list[str] | None = None, **kwargs) -> GruNlpCLI:
             save_config_kwargs={"overwrite": True},
             **kwargs,
         )
-    except (OutputFolderError, CheckpointError, DataError) as err:
+    except (OutputFolderError, CheckpointError, DataError, EncoderError) as err:
         print(f"gru-nlp: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except SIGTERMException:

@@ -9,12 +9,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
+from tokenizers import Tokenizer
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from gru_nlp.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY
-from gru_nlp.language_model import BiGRULanguageModel
+from gru_nlp.language_model import BiGRULanguageModel, EncoderError, copy_encoder, load_encoder
 from gru_nlp.model import BiGRUClassifier, NgramFeatures, Pooling, fit_side_weights
 from gru_nlp.tokenizer import save_tokenizer
 
@@ -57,6 +58,11 @@ class LitClassifier(L.LightningModule):
         min_lr_ratio: the cosine decay ends at lr * min_lr_ratio.
         label_smoothing: cross-entropy label smoothing.
         class_weights: optional per-class loss weights, in label order.
+        encoder_path: an `encoder.pt` from scripts/pretrain_imdb.py: the embedding and first
+            GRU layer start from its weights (the rest starts fresh). The data module must
+            use the tokenizer saved beside it (`--data.tokenizer_path`). Read when `fit`
+            starts (before a resumed run's checkpoint replaces the weights); checkpoints hold
+            the trained weights, so scoring or serving one never needs the file.
     """
 
     def __init__(
@@ -85,13 +91,15 @@ class LitClassifier(L.LightningModule):
         min_lr_ratio: float = 0.0,
         label_smoothing: float = 0.0,
         class_weights: list[float] | None = None,
+        encoder_path: str | None = None,
     ) -> None:
         super().__init__()
         if label_names is not None and len(label_names) != num_classes:
             raise ValueError(f"label_names has {len(label_names)} names but num_classes is {num_classes}")
         if class_weights is not None and len(class_weights) != num_classes:
             raise ValueError(f"class_weights has {len(class_weights)} values but num_classes is {num_classes}")
-        self.save_hyperparameters()
+        # Not a hyperparameter: a checkpoint rebuilt from its hyperparameters must not need the file.
+        self.save_hyperparameters(ignore=["encoder_path"])
         self.label_names = label_names or [str(i) for i in range(num_classes)]
         self.model = BiGRUClassifier(
             vocab_size=vocab_size,
@@ -124,6 +132,8 @@ class LitClassifier(L.LightningModule):
         self.inference_config: dict[str, Any] = {}
         # Per validation batch: (gru_logits, ngram_logits, labels), to fit side_weights on.
         self._validation_sides: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.encoder_path = encoder_path
+        self._encoder_tokenizer: str | None = None  # the pretrained encoder's tokenizer, checked at fit start
 
     def forward(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
         """(B, T) ids and (B,) lengths -> (B, K) logits."""
@@ -235,6 +245,12 @@ class LitClassifier(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.encoder_path is not None:
+            encoder = load_encoder(self.encoder_path)
+            copy_encoder(self.model, encoder["weights"], self.encoder_path)
+            self._encoder_tokenizer = encoder["tokenizer"]
+
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "tokenizer"):
@@ -247,11 +263,21 @@ class LitClassifier(L.LightningModule):
                     f"{type(datamodule).__name__} has a tokenizer but no {' or '.join(missing)}: checkpoints "
                     "store them so that text is encoded in use as in training"
                 )
+            self._check_encoder_tokenizer(datamodule.tokenizer)
             self.inference_config = {"tokenizer": datamodule.tokenizer.to_str(), **encoding}
             log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
             if self.trainer.is_global_zero and log_dir:
                 # The run folder carries its tokenizer too, for tools that read it without a checkpoint.
                 save_tokenizer(datamodule.tokenizer, f"{log_dir}/tokenizer.json")
+
+    def _check_encoder_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """A pretrained embedding row means the token it was trained on: the vocabularies must match."""
+        if self._encoder_tokenizer is None or Tokenizer.from_str(self._encoder_tokenizer).get_vocab() == tokenizer.get_vocab():
+            return
+        raise EncoderError(
+            f"pretrained encoder {self.encoder_path} was trained with another tokenizer than the data's: pass "
+            "--data.tokenizer_path with the tokenizer.json saved beside it"
+        )
 
     def on_train_start(self) -> None:
         ngrams = self.model.ngrams

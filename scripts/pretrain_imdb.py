@@ -13,8 +13,9 @@ then fine-tune from them:
     python scripts/train_imdb.py --data.path ../shared/data/imdb \\
         --data.tokenizer_path runs/pretrain/tokenizer.json --model.encoder_path runs/pretrain/encoder.pt
 
-`--data` is a folder with `train.parquet` and `unsup.parquet` (as in ../shared/data/imdb),
-or a Hugging Face dataset name, with `--splits train unsupervised` for `stanfordnlp/imdb`.
+`--data` is read as `gru-nlp fit` reads `--data.path`: a folder of data files named by split
+(`train.parquet` and `unsup.parquet` in ../shared/data/imdb) or a Hugging Face dataset, with
+`--splits train unsupervised` for `stanfordnlp/imdb`.
 The last 1% of the texts (at most 500) are held out to report the language model's
 validation loss, in nats per predicted token.
 """
@@ -31,32 +32,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from gru_nlp.batching import BucketBatchSampler, collate
+from gru_nlp.data import DataError, load_texts
 from gru_nlp.language_model import save_encoder
 from gru_nlp.lit import LitLanguageModel
 from gru_nlp.tokenizer import PAD_ID, encode, save_tokenizer, train_tokenizer
-
-
-def load_texts(data: str, splits: list[str], text_field: str) -> list[str]:
-    """The non-empty texts of `splits`, from a local folder of `<split>.parquet` files or the Hub."""
-    from datasets import load_dataset
-
-    folder = Path(data)
-    if folder.is_dir():
-        files = {split: folder / f"{split}.parquet" for split in splits}
-        missing = [str(file) for file in files.values() if not file.is_file()]
-        if missing:
-            sys.exit(f"pretrain_imdb: no {', '.join(missing)} (--data is a folder of <split>.parquet files)")
-        dataset = load_dataset("parquet", data_files={split: str(file) for split, file in files.items()})
-    else:
-        dataset = load_dataset(data)
-    texts = []
-    for split in splits:
-        if split not in dataset:
-            sys.exit(f"pretrain_imdb: {data} has no split {split!r}; it has {', '.join(dataset)}")
-        if text_field not in dataset[split].column_names:
-            sys.exit(f"pretrain_imdb: split {split!r} of {data} has no column {text_field!r}")
-        texts += [text for text in dataset[split][text_field] if isinstance(text, str) and text.strip()]
-    return texts
 
 
 def main() -> None:
@@ -77,7 +56,10 @@ def main() -> None:
     start = time.perf_counter()
     L.seed_everything(args.seed, verbose=False)
 
-    texts = load_texts(args.data, args.splits, args.text_field)
+    try:
+        texts = load_texts(args.data, args.splits, args.text_field)
+    except DataError as err:
+        sys.exit(f"pretrain_imdb: error: {err}")
     if len(texts) < 2:
         sys.exit(f"pretrain_imdb: {args.data} has {len(texts)} non-empty texts in {', '.join(args.splits)}; at least 2 are needed")
     tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size)

@@ -7,6 +7,9 @@ included). The test set is only scored after training: it never steers the run.
     python scripts/train_imdb.py --data.path ../shared/data/imdb
     python scripts/train_imdb.py --data.path ../shared/data/imdb --config configs/cpu_ddp.yaml   # 2 CPU processes
     python scripts/train_imdb.py --data.path ../shared/data/imdb --model.hidden_size 192           # any CLI override
+    # from a pretrained encoder (scripts/pretrain_imdb.py):
+    python scripts/train_imdb.py --data.path ../shared/data/imdb \
+        --data.tokenizer_path runs/pretrain/tokenizer.json --model.encoder_path runs/pretrain/encoder.pt
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from torchmetrics.functional.classification import multiclass_f1_score  # noqa: E402
 
+from gru_nlp.data import DataError  # noqa: E402
+from gru_nlp.language_model import EncoderError  # noqa: E402
 from gru_nlp.lightning_cli import run_cli  # noqa: E402
 from gru_nlp.lit import LitClassifier  # noqa: E402
 
@@ -45,7 +50,10 @@ class EpochLog(L.Callback):
 def main(argv: list[str]) -> None:
     epochs = EpochLog()
     cli = run_cli(["--config", "configs/imdb.yaml", "--checkpoint.save_top_k", "-1", *argv], extra_callbacks=[epochs], run=False)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    except (DataError, EncoderError) as err:  # as the gru-nlp command reports them
+        sys.exit(f"train_imdb: error: {err}")
     fit_minutes = (time.perf_counter() - START) / 60
     checkpoint = cli.trainer.checkpoint_callback
     print(f"fit finished after {fit_minutes:.1f} min (tokenizer, encoding and all epochs); best: {checkpoint.best_model_path}")

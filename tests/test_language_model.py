@@ -1,0 +1,196 @@
+"""Encoder pretraining: the sampled softmax, the bidirectional language model, and fine-tuning from it."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from gru_nlp.language_model import (
+    ENCODER_PARAMETERS,
+    BiGRULanguageModel,
+    EncoderError,
+    SampledSoftmax,
+    load_encoder,
+    save_encoder,
+)
+from gru_nlp.lit import LitClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_sampled_softmax_is_exact_outside_training():
+    torch.manual_seed(0)
+    softmax = SampledSoftmax(5, 11, num_sampled=4).eval()
+    inputs, targets = torch.randn(7, 5), torch.randint(0, 11, (7,))
+    expected = F.cross_entropy(inputs @ softmax.weight.T + softmax.bias, targets)
+    torch.testing.assert_close(softmax(inputs, targets), expected)
+
+
+def test_a_large_sample_estimates_the_full_softmax():
+    torch.manual_seed(0)
+    softmax = SampledSoftmax(5, 11, num_sampled=200_000)
+    softmax.set_class_counts(torch.arange(11) * 100)  # skewed: the correction for sampling odds matters
+    inputs, targets = torch.randn(7, 5), torch.randint(0, 11, (7,))
+    exact = softmax.eval()(inputs, targets)
+    torch.testing.assert_close(softmax.train()(inputs, targets), exact, rtol=0.01, atol=0)
+
+
+def test_a_sample_equal_to_the_target_is_not_scored_against_it():
+    torch.manual_seed(0)
+    softmax = SampledSoftmax(5, 11, num_sampled=8)
+    counts = torch.zeros(11)
+    counts[3] = 1e12  # every sample is class 3 (the others have odds of about 1e-9)
+    softmax.set_class_counts(counts)
+    inputs = torch.randn(6, 5, requires_grad=True)
+    loss = softmax(inputs, torch.full((6,), 3))
+    loss.backward()
+    # Scored against copies of itself the loss would be log 2; with them left out, only the target is left.
+    assert loss.item() == 0.0
+    assert torch.isfinite(inputs.grad).all() and torch.isfinite(softmax.weight.grad).all()
+
+
+def _train(model: BiGRULanguageModel, batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int, scored=None) -> float:
+    """Train on the batches in turn; return the exact loss on `scored` (default: the first batch)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
+    model.train()
+    for step in range(steps):
+        input_ids, lengths = batches[step % len(batches)]
+        loss = model(input_ids, lengths)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return model.eval()(*(scored or batches[0])).item()
+
+
+def _sequences(rows: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad rows past their lengths with 0."""
+    positions = torch.arange(rows.size(1))
+    return rows.masked_fill(positions >= lengths[:, None], 0), lengths
+
+
+def test_the_language_model_learns_what_comes_next_and_what_came_before():
+    torch.manual_seed(0)
+    # Tokens 2..11 in a cycle from a random start: each token fixes both neighbours.
+    starts = torch.randint(0, 10, (16, 1))
+    rows = 2 + (starts + torch.arange(12)) % 10  # (16, 12)
+    batch = _sequences(rows, torch.randint(2, 13, (16,)))
+    model = BiGRULanguageModel(12, embedding_dim=8, hidden_size=16, num_sampled=6)
+    model.set_token_counts(torch.bincount(batch[0].flatten(), minlength=12))
+    assert _train(model, [batch], steps=150) < 0.1
+
+
+def test_neither_direction_reads_the_token_it_predicts():
+    torch.manual_seed(0)
+    # Independent uniform tokens: on texts it has not seen, nothing better than log 10 nats
+    # is possible, unless a direction's state has already read its target (as a second
+    # stacked layer would). The same training on the cycle above reaches 0.1.
+    batches = [_sequences(torch.randint(2, 12, (16, 12)), torch.randint(2, 13, (16,))) for _ in range(5)]
+    model = BiGRULanguageModel(12, embedding_dim=8, hidden_size=16, num_sampled=6)
+    loss = _train(model, batches[1:], steps=150, scored=batches[0])
+    assert loss > 0.95 * math.log(10)
+
+
+def test_texts_of_one_token_predict_nothing_and_still_train():
+    model = BiGRULanguageModel(12, embedding_dim=8, hidden_size=16, num_sampled=6)
+    loss = model(torch.tensor([[5], [7]]), torch.tensor([1, 1]))
+    loss.backward()
+    assert loss.item() == 0.0
+
+
+@pytest.fixture
+def encoder_file(tmp_path: Path) -> tuple[Path, object]:
+    from gru_nlp.tokenizer import train_tokenizer
+
+    from conftest import TINY_TEXTS
+
+    tokenizer = train_tokenizer([text for text, _ in TINY_TEXTS] * 3, vocab_size=60, min_frequency=1)
+    torch.manual_seed(0)
+    model = BiGRULanguageModel(tokenizer.get_vocab_size(), embedding_dim=8, hidden_size=6)
+    path = tmp_path / "encoder.pt"
+    save_encoder(model, tokenizer.to_str(), path)
+    return path, tokenizer
+
+
+def _classifier(tokenizer, path: Path | None, hidden_size: int = 6) -> LitClassifier:
+    return LitClassifier(tokenizer.get_vocab_size(), 2, embedding_dim=8, hidden_size=hidden_size, num_layers=2, encoder_path=path)
+
+
+def test_fine_tuning_starts_from_the_pretrained_embedding_and_first_layer(encoder_file):
+    path, tokenizer = encoder_file
+    torch.manual_seed(1)
+    lit = _classifier(tokenizer, path)
+    untouched = {name: value.clone() for name, value in lit.model.named_parameters()}
+    lit.setup("fit")
+    weights = load_encoder(path)["weights"]
+    parameters = dict(lit.model.named_parameters())
+    for name in ENCODER_PARAMETERS:
+        torch.testing.assert_close(parameters[name], weights[name], rtol=0, atol=0)
+    # The second layer, pooling and head keep their fresh initialisation.
+    assert all(torch.equal(parameters[name], untouched[name]) for name in parameters if name not in ENCODER_PARAMETERS)
+    assert "encoder_path" not in lit.hparams  # a checkpoint rebuilt from its hyperparameters needs no file
+    lit.setup("validate")  # only fit reads the file
+
+
+def test_an_encoder_that_does_not_fit_the_model_is_named(encoder_file, tmp_path):
+    path, tokenizer = encoder_file
+    with pytest.raises(EncoderError, match=r"gru.weight_ih_l0 is \(18, 8\) there and \(21, 8\) in the model"):
+        _classifier(tokenizer, path, hidden_size=7).setup("fit")
+    with pytest.raises(EncoderError, match="no such file"):
+        _classifier(tokenizer, tmp_path / "missing.pt").setup("fit")
+    checkpoint_like = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, checkpoint_like)
+    with pytest.raises(EncoderError, match="not a file written by save_encoder"):
+        load_encoder(checkpoint_like)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(EncoderError, match="not a file written by save_encoder"):
+        load_encoder(truncated)
+
+
+def _run(*command: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_pretrain_then_fine_tune_with_the_gru_nlp_command(tmp_path):
+    tiny = str(REPO / "tests/fixtures/tiny")
+    pretrained = tmp_path / "pretrain"
+    sizes = ["--embedding-dim", "16", "--hidden-size", "16", "--vocab-size", "300"]  # as configs/tiny.yaml
+    result = _run("scripts/pretrain_imdb.py", "--data", tiny, "--splits", "train", "test", "--out", str(pretrained), *sizes)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "val/loss" in result.stdout
+    fit = [
+        "-m", "gru_nlp.cli", "fit", "--config", "configs/tiny.yaml", "--data.path", tiny,
+        "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.max_epochs", "1", "--model.encoder_path", str(pretrained / "encoder.pt"),
+    ]  # fmt: skip
+
+    # With the data's own tokenizer, the embedding rows would mean other tokens.
+    refused = _run(*fit)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"gru-nlp: error: pretrained encoder {pretrained / 'encoder.pt'} was trained with another tokenizer than "
+        "the data's: pass --data.tokenizer_path with the tokenizer.json saved beside it"
+    )
+
+    fitted = _run(*fit, "--data.tokenizer_path", str(pretrained / "tokenizer.json"))
+    assert fitted.returncode == 0, fitted.stderr[-3000:]
+    (pretrained / "encoder.pt").unlink()  # the checkpoint holds the weights: it serves without the file
+    from gru_nlp import TextClassifier
+
+    checkpoint = next((tmp_path / "run").rglob("last.ckpt"))
+    prediction = TextClassifier.from_checkpoint(checkpoint, device="cpu").predict("a wonderful film")
+    assert prediction.label in ("neg", "pos")
+
+
+def test_pretraining_names_a_split_the_data_does_not_have(tmp_path):
+    result = _run("scripts/pretrain_imdb.py", "--data", str(REPO / "tests/fixtures/tiny"), "--splits", "unsup", "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("pretrain_imdb: error: ")
+    assert "no split 'unsup'; it has test, train" in result.stderr
