@@ -4,8 +4,8 @@ Shape legend: B batch, T padded length, V vocabulary size, E embedding dim, H hi
 per direction, N predicted positions.
 
     input_ids (B, T) -> embedding (B, T, E) -> one bidirectional PaddingSafeGRU layer (B, T, 2H)
-      left-to-right state at t  -> adaptive softmax -> token t+1
-      right-to-left state at t  -> adaptive softmax -> token t-1
+      left-to-right state at t  -> sampled softmax over V -> token t+1
+      right-to-left state at t  -> sampled softmax over V -> token t-1
 
 This is the bidirectional language model of ELMo (Peters et al. 2018) cut to one layer:
 a second stacked layer would read both directions of the first, so its left-to-right
@@ -20,9 +20,11 @@ tokens drawn for the whole batch (`SampledSoftmax`): the full softmax, and torch
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -66,6 +68,11 @@ class SampledSoftmax(nn.Module):
 
     def forward(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """(N, H) inputs, (N,) target classes -> the mean cross-entropy, a scalar."""
+        # fp32 under autocast: bf16 matmuls are slow on CPUs without AMX, and the logits are subtracted and exponentiated
+        with torch.autocast(inputs.device.type, enabled=False):
+            return self._loss(inputs.float(), targets)
+
+    def _loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
         if not self.training:
             # Exact, a few thousand rows at a time so the (rows, C) logits stay small.
             total = sum(
@@ -122,9 +129,10 @@ class BiGRULanguageModel(nn.Module):
             lengths: (B,) real tokens per row, each in [1, T].
 
         Returns:
-            The loss, a scalar (nats per predicted token), with (B, sum(lengths - 1) * 2) tokens predicted.
+            The loss, a scalar: nats per predicted token, over N = 2 * sum(lengths - 1) predictions.
         """
         hidden = self.gru.hidden_size
+        lengths = lengths.to(input_ids.device)
         states = self.gru(self.dropout(self.embedding(input_ids)), lengths)  # (B, T, 2H)
         follows = torch.arange(1, input_ids.size(1), device=input_ids.device) < lengths[:, None]  # (B, T-1): t+1 is real
         # The left-to-right state at t has read tokens 0..t and predicts t+1; the
@@ -132,7 +140,8 @@ class BiGRULanguageModel(nn.Module):
         predictors = torch.cat([states[:, :-1, :hidden][follows], states[:, 1:, hidden:][follows]])  # (N, H)
         predicted = torch.cat([input_ids[:, 1:][follows], input_ids[:, :-1][follows]])  # (N,)
         if predicted.numel() == 0:  # every text one token long: nothing to predict
-            return states.sum() * 0
+            # A zero that still reaches every parameter, as DDP expects of each step.
+            return sum(parameter.sum() for parameter in self.parameters()) * 0
         return self.softmax(self.dropout(predictors), predicted)
 
     def encoder_weights(self) -> dict[str, Tensor]:
@@ -162,15 +171,33 @@ def load_encoder(path: str | Path) -> dict:
         raise EncoderError(f"pretrained encoder {path}: not a file written by save_encoder ({type(err).__name__}: {err})") from None
     if not isinstance(encoder, dict) or encoder.get("format") != ENCODER_FORMAT:
         raise EncoderError(f"pretrained encoder {path}: not a file written by save_encoder (format {ENCODER_FORMAT} expected)")
-    missing = [name for name in ENCODER_PARAMETERS if name not in encoder["weights"]]
+    weights, tokenizer = encoder.get("weights"), encoder.get("tokenizer")
+    if not isinstance(weights, dict) or not isinstance(tokenizer, str):
+        raise EncoderError(f"pretrained encoder {path}: no weights or tokenizer in it")
+    missing = [name for name in ENCODER_PARAMETERS if not isinstance(weights.get(name), Tensor)]
     if missing:
         raise EncoderError(f"pretrained encoder {path}: missing {', '.join(missing)}")
     return encoder
 
 
+def check_encoder_tokenizer(encoder: dict, tokenizer: Tokenizer, source: str | Path) -> None:
+    """Refuse a tokenizer other than the encoder's: its embedding rows mean the tokens they were trained on."""
+    ours, theirs = json.loads(tokenizer.to_str()), json.loads(encoder["tokenizer"])
+    if any(ours.get(part) != theirs.get(part) for part in ("normalizer", "pre_tokenizer", "model")):
+        raise EncoderError(
+            f"pretrained encoder {source} was trained with another tokenizer than the data's: pass "
+            "--data.tokenizer_path with the tokenizer.json saved beside it"
+        )
+
+
 def copy_encoder(model: nn.Module, weights: dict[str, Tensor], source: str | Path) -> None:
     """Copy pretrained encoder weights into a `BiGRUClassifier`'s embedding and first GRU layer."""
     parameters = dict(model.named_parameters())
+    if parameters["embedding.weight"].size(0) != weights["embedding.weight"].size(0):
+        raise EncoderError(
+            f"pretrained encoder {source} has {weights['embedding.weight'].size(0)} token embeddings and the model "
+            f"{parameters['embedding.weight'].size(0)}: train with the tokenizer saved beside it (--data.tokenizer_path)"
+        )
     for name in ENCODER_PARAMETERS:
         if name not in parameters:
             raise EncoderError(f"pretrained encoder {source}: the model has no {name} (a bidirectional GRU is needed)")

@@ -9,13 +9,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from tokenizers import Tokenizer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from gru_nlp.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY
-from gru_nlp.language_model import BiGRULanguageModel, EncoderError, copy_encoder, load_encoder
+from gru_nlp.language_model import BiGRULanguageModel, check_encoder_tokenizer, copy_encoder, load_encoder
 from gru_nlp.model import BiGRUClassifier, NgramFeatures, Pooling, fit_side_weights
 from gru_nlp.tokenizer import save_tokenizer
 
@@ -60,9 +60,10 @@ class LitClassifier(L.LightningModule):
         class_weights: optional per-class loss weights, in label order.
         encoder_path: an `encoder.pt` from scripts/pretrain_imdb.py: the embedding and first
             GRU layer start from its weights (the rest starts fresh). The data module must
-            use the tokenizer saved beside it (`--data.tokenizer_path`). Read when `fit`
-            starts (before a resumed run's checkpoint replaces the weights); checkpoints hold
-            the trained weights, so scoring or serving one never needs the file.
+            use the tokenizer saved beside it (`--data.tokenizer_path`). Read once, when the
+            first `fit` sets the model up (a resumed run reads it too, before its checkpoint
+            replaces the weights); checkpoints hold the trained weights, so scoring or
+            serving one never needs the file.
     """
 
     def __init__(
@@ -98,8 +99,7 @@ class LitClassifier(L.LightningModule):
             raise ValueError(f"label_names has {len(label_names)} names but num_classes is {num_classes}")
         if class_weights is not None and len(class_weights) != num_classes:
             raise ValueError(f"class_weights has {len(class_weights)} values but num_classes is {num_classes}")
-        # Not a hyperparameter: a checkpoint rebuilt from its hyperparameters must not need the file.
-        self.save_hyperparameters(ignore=["encoder_path"])
+        self.save_hyperparameters()
         self.label_names = label_names or [str(i) for i in range(num_classes)]
         self.model = BiGRUClassifier(
             vocab_size=vocab_size,
@@ -132,8 +132,7 @@ class LitClassifier(L.LightningModule):
         self.inference_config: dict[str, Any] = {}
         # Per validation batch: (gru_logits, ngram_logits, labels), to fit side_weights on.
         self._validation_sides: list[tuple[Tensor, Tensor, Tensor]] = []
-        self.encoder_path = encoder_path
-        self._encoder_tokenizer: str | None = None  # the pretrained encoder's tokenizer, checked at fit start
+        self._encoder_copied = False
 
     def forward(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
         """(B, T) ids and (B,) lengths -> (B, K) logits."""
@@ -246,10 +245,18 @@ class LitClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.encoder_path is not None:
-            encoder = load_encoder(self.encoder_path)
-            copy_encoder(self.model, encoder["weights"], self.encoder_path)
-            self._encoder_tokenizer = encoder["tokenizer"]
+        # Once: a second fit of this module goes on from its trained weights.
+        if stage != "fit" or self.hparams.encoder_path is None or self._encoder_copied:
+            return
+        path = self.hparams.encoder_path
+        encoder = load_encoder(path)
+        datamodule = getattr(self._trainer, "datamodule", None)  # set up before this hook
+        if getattr(datamodule, "tokenizer", None) is not None:
+            check_encoder_tokenizer(encoder, datamodule.tokenizer, path)
+        else:
+            rank_zero_warn(f"no data module with a tokenizer: check that the data was encoded with the tokenizer of {path}")
+        copy_encoder(self.model, encoder["weights"], path)
+        self._encoder_copied = True
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -263,21 +270,11 @@ class LitClassifier(L.LightningModule):
                     f"{type(datamodule).__name__} has a tokenizer but no {' or '.join(missing)}: checkpoints "
                     "store them so that text is encoded in use as in training"
                 )
-            self._check_encoder_tokenizer(datamodule.tokenizer)
             self.inference_config = {"tokenizer": datamodule.tokenizer.to_str(), **encoding}
             log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
             if self.trainer.is_global_zero and log_dir:
                 # The run folder carries its tokenizer too, for tools that read it without a checkpoint.
                 save_tokenizer(datamodule.tokenizer, f"{log_dir}/tokenizer.json")
-
-    def _check_encoder_tokenizer(self, tokenizer: Tokenizer) -> None:
-        """A pretrained embedding row means the token it was trained on: the vocabularies must match."""
-        if self._encoder_tokenizer is None or Tokenizer.from_str(self._encoder_tokenizer).get_vocab() == tokenizer.get_vocab():
-            return
-        raise EncoderError(
-            f"pretrained encoder {self.encoder_path} was trained with another tokenizer than the data's: pass "
-            "--data.tokenizer_path with the tokenizer.json saved beside it"
-        )
 
     def on_train_start(self) -> None:
         ngrams = self.model.ngrams
@@ -304,7 +301,10 @@ class LitClassifier(L.LightningModule):
 
 
 class LitLanguageModel(L.LightningModule):
-    """Pretrains a BiGRULanguageModel; logs train/loss and val/loss in nats per predicted token.
+    """Pretrains a BiGRULanguageModel.
+
+    Logs val/loss, the exact loss in nats per predicted token, and train/loss, the sampled
+    softmax's estimate of it (lower than the exact loss: not comparable with val/loss).
 
     Args:
         vocab_size: the tokenizer's vocabulary size.

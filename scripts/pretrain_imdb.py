@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from gru_nlp.batching import BucketBatchSampler, collate
+from gru_nlp.callbacks import OutputFolderError, check_output_folder
 from gru_nlp.data import DataError, load_texts
 from gru_nlp.language_model import save_encoder
 from gru_nlp.lit import LitLanguageModel
@@ -53,33 +54,47 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
+    for name in ("vocab_size", "max_length", "embedding_dim", "hidden_size", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.epochs <= 0:
+        parser.error("--epochs must be above 0")
     start = time.perf_counter()
     L.seed_everything(args.seed, verbose=False)
 
+    out = Path(args.out)
     try:
+        check_output_folder(out)  # before minutes of tokenizer training, not after
         texts = load_texts(args.data, args.splits, args.text_field)
-    except DataError as err:
+    except (DataError, OutputFolderError) as err:
         sys.exit(f"pretrain_imdb: error: {err}")
     if len(texts) < 2:
-        sys.exit(f"pretrain_imdb: {args.data} has {len(texts)} non-empty texts in {', '.join(args.splits)}; at least 2 are needed")
-    tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size)
+        sys.exit(f"pretrain_imdb: {args.data} has {len(texts)} non-blank texts in {', '.join(args.splits)}; at least 2 are needed")
+    try:
+        tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size)
+    except ValueError as err:
+        sys.exit(f"pretrain_imdb: error: could not train a tokenizer: {err}")
     ids = encode(tokenizer, texts, args.max_length, "head")
     held_out = max(1, min(500, len(ids) // 100))
     train_ids, val_ids = ids[:-held_out], ids[-held_out:]
     print(f"{len(texts):,} texts ({held_out:,} held out), {sum(map(len, ids)):,} tokens, {(time.perf_counter() - start) / 60:.1f} min", flush=True)
 
     lit = LitLanguageModel(tokenizer.get_vocab_size(), args.embedding_dim, args.hidden_size, PAD_ID, lr=args.lr)
-    counts = torch.bincount(torch.tensor([token for text in train_ids for token in text]), minlength=tokenizer.get_vocab_size())
+    counts = torch.bincount(torch.cat([torch.tensor(text) for text in train_ids]), minlength=tokenizer.get_vocab_size())
     lit.model.set_token_counts(counts)
+    save_tokenizer(tokenizer, out / "tokenizer.json")
 
     def loader(sequences: list[list[int]], shuffle: bool) -> DataLoader:
         examples = [{"input_ids": sequence} for sequence in sequences]
         sampler = BucketBatchSampler([len(sequence) for sequence in sequences], args.batch_size, shuffle=shuffle, seed=args.seed)
         return DataLoader(examples, batch_sampler=sampler, collate_fn=collate)
 
-    class Progress(L.Callback):
+    class SaveEncoder(L.Callback):
+        """After every validation: print the loss and save the encoder, so a stopped run keeps its latest."""
+
         def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             if not trainer.sanity_checking:
+                save_encoder(lit.model, tokenizer.to_str(), out / "encoder.pt")
                 val_loss = float(trainer.callback_metrics["val/loss"])
                 minutes = (time.perf_counter() - start) / 60
                 print(f"step {trainer.global_step}: val/loss {val_loss:.4f}, {minutes:.1f} min", flush=True)
@@ -94,12 +109,12 @@ def main() -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         log_every_n_steps=50,
-        callbacks=[Progress()],
+        callbacks=[SaveEncoder()],
     )
-    trainer.fit(lit, loader(train_ids, shuffle=True), loader(val_ids, shuffle=False))
-    out = Path(args.out)
-    save_tokenizer(tokenizer, out / "tokenizer.json")
-    save_encoder(lit.model, tokenizer.to_str(), out / "encoder.pt")
+    val_loader = loader(val_ids, shuffle=False)
+    trainer.fit(lit, loader(train_ids, shuffle=True), val_loader)
+    if trainer.global_step % trainer.val_check_interval:  # the last steps ran after the last validation
+        trainer.validate(lit, val_loader, verbose=False)
     val_loss = float(trainer.callback_metrics["val/loss"])
     print(
         f"val/loss {val_loss:.4f} nats per token (perplexity {torch.tensor(val_loss).exp():.1f}) after {trainer.global_step} steps, "

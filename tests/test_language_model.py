@@ -126,23 +126,52 @@ def test_fine_tuning_starts_from_the_pretrained_embedding_and_first_layer(encode
     torch.manual_seed(1)
     lit = _classifier(tokenizer, path)
     untouched = {name: value.clone() for name, value in lit.model.named_parameters()}
-    lit.setup("fit")
+    with pytest.warns(UserWarning, match="no data module with a tokenizer"):  # (the command's test checks it)
+        lit.setup("fit")
     weights = load_encoder(path)["weights"]
     parameters = dict(lit.model.named_parameters())
     for name in ENCODER_PARAMETERS:
         torch.testing.assert_close(parameters[name], weights[name], rtol=0, atol=0)
     # The second layer, pooling and head keep their fresh initialisation.
     assert all(torch.equal(parameters[name], untouched[name]) for name in parameters if name not in ENCODER_PARAMETERS)
-    assert "encoder_path" not in lit.hparams  # a checkpoint rebuilt from its hyperparameters needs no file
-    lit.setup("validate")  # only fit reads the file
+
+    # Once only: a second fit of the same module goes on from what the first one trained.
+    with torch.no_grad():
+        parameters["embedding.weight"].add_(1.0)
+    trained = parameters["embedding.weight"].clone()
+    path.unlink()
+    lit.setup("fit")
+    lit.setup("validate")  # and only fit reads the file
+    assert torch.equal(parameters["embedding.weight"], trained)
 
 
+def test_each_direction_is_scored_on_the_neighbour_it_has_not_read():
+    torch.manual_seed(0)
+    model = BiGRULanguageModel(20, embedding_dim=4, hidden_size=3)
+    scored = []
+    model.softmax.forward = lambda predictors, targets: scored.append((predictors, targets)) or predictors.sum()
+    input_ids, lengths = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]]), torch.tensor([4, 2])
+    model(input_ids, lengths)
+    predictors, targets = scored[0]
+    states = model.gru(model.embedding(input_ids), lengths)  # (B, T, 2H): [left-to-right, right-to-left]
+    forward, backward = states[..., :3], states[..., 3:]
+    expected = [
+        (forward[0, 0], 6), (forward[0, 1], 7), (forward[0, 2], 8), (forward[1, 0], 10),  # state after t -> token t+1
+        (backward[0, 1], 5), (backward[0, 2], 6), (backward[0, 3], 7), (backward[1, 1], 9),  # state from t on -> token t-1
+    ]  # fmt: skip
+    assert targets.tolist() == [token for _, token in expected]
+    torch.testing.assert_close(predictors, torch.stack([state for state, _ in expected]))
+
+
+@pytest.mark.filterwarnings("ignore:no data module with a tokenizer")
 def test_an_encoder_that_does_not_fit_the_model_is_named(encoder_file, tmp_path):
     path, tokenizer = encoder_file
     with pytest.raises(EncoderError, match=r"gru.weight_ih_l0 is \(18, 8\) there and \(21, 8\) in the model"):
         _classifier(tokenizer, path, hidden_size=7).setup("fit")
     with pytest.raises(EncoderError, match="no such file"):
         _classifier(tokenizer, tmp_path / "missing.pt").setup("fit")
+    with pytest.raises(EncoderError, match=r"has \d+ token embeddings and the model 99: .*--data.tokenizer_path"):
+        LitClassifier(99, 2, embedding_dim=8, hidden_size=6, encoder_path=path).setup("fit")
     checkpoint_like = tmp_path / "other.pt"
     torch.save({"state_dict": {}}, checkpoint_like)
     with pytest.raises(EncoderError, match="not a file written by save_encoder"):
