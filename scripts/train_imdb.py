@@ -25,6 +25,8 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from torchmetrics.functional.classification import multiclass_f1_score  # noqa: E402
 
+from gru_nlp.callbacks import OutputFolderError  # noqa: E402
+from gru_nlp.checkpoint import CheckpointError  # noqa: E402
 from gru_nlp.data import DataError  # noqa: E402
 from gru_nlp.language_model import EncoderError  # noqa: E402
 from gru_nlp.lightning_cli import run_cli  # noqa: E402
@@ -52,8 +54,9 @@ def main(argv: list[str]) -> None:
     cli = run_cli(["--config", "configs/imdb.yaml", "--checkpoint.save_top_k", "-1", *argv], extra_callbacks=[epochs], run=False)
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    except (DataError, EncoderError) as err:  # as the gru-nlp command reports them
-        sys.exit(f"train_imdb: error: {err}")
+    except (OutputFolderError, CheckpointError, DataError, EncoderError) as err:  # as the gru-nlp command reports them
+        print(f"train_imdb: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     fit_minutes = (time.perf_counter() - START) / 60
     checkpoint = cli.trainer.checkpoint_callback
     print(f"fit finished after {fit_minutes:.1f} min (tokenizer, encoding and all epochs); best: {checkpoint.best_model_path}")

@@ -223,3 +223,14 @@ def test_pretraining_names_a_split_the_data_does_not_have(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("pretrain_imdb: error: ")
     assert "no split 'unsup'; it has test, train" in result.stderr
+
+
+def test_train_imdb_reports_a_missing_encoder_in_one_line(tmp_path):
+    missing = tmp_path / "encoder.pt"
+    result = _run(
+        "scripts/train_imdb.py", "--config", "configs/tiny.yaml", "--data.path", str(REPO / "tests/fixtures/tiny"),
+        "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--model.encoder_path", str(missing),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"train_imdb: error: pretrained encoder {missing}: no such file"
