@@ -444,7 +444,8 @@ def load_texts(path: str, splits: Collection[str], text_field: str = "text", cac
             there = f"; it has {', '.join(sorted(sources))}" if sources else ""
             raise DataNotFoundError(f"{path} has no split {split!r}{there}")
         if text_field not in loaded[split].column_names:
-            raise DataError(f"{sources[split]} has no column {text_field!r} (columns: {', '.join(loaded[split].column_names)})")
+            columns = ", ".join(loaded[split].column_names)
+            raise DataError(f"{sources[split]} (split {split!r}) has no column {text_field!r} (columns: {columns})")
         texts += [text for text in _column_values(loaded[split], text_field) if isinstance(text, str) and text.strip()]
     return texts
 

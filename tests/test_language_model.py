@@ -234,3 +234,12 @@ def test_train_imdb_reports_a_missing_encoder_in_one_line(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"train_imdb: error: pretrained encoder {missing}: no such file"
+
+
+def test_load_texts_names_a_missing_text_column_and_its_split(tmp_path):
+    from gru_nlp.data import DataError, load_texts
+
+    (tmp_path / "train.jsonl").write_text('{"review": "a fine film", "label": 1}\n')
+    with pytest.raises(DataError, match=r"train.jsonl \(split 'train'\) has no column 'text' \(columns: review, label\)"):
+        load_texts(str(tmp_path), ["train"], cache_dir=str(tmp_path / "cache"))
+    assert load_texts(str(tmp_path), ["train"], text_field="review", cache_dir=str(tmp_path / "cache")) == ["a fine film"]
