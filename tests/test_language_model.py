@@ -101,6 +101,8 @@ def test_texts_of_one_token_predict_nothing_and_still_train():
     loss = model(torch.tensor([[5], [7]]), torch.tensor([1, 1]))
     loss.backward()
     assert loss.item() == 0.0
+    # Every parameter still gets a (zero) gradient, as DDP's reducer expects at every step.
+    assert all(parameter.grad is not None and not parameter.grad.any() for parameter in model.parameters())
 
 
 @pytest.fixture
