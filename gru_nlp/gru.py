@@ -16,7 +16,10 @@ matmul per step for the pair), everything that does not depend on the previous s
 and the loop writes into preallocated buffers. ``nn.GRU``'s CPU backward instead
 replays a per-step autograd graph of small ops. Without gradients (validation,
 inference) the same loop runs alone (``_recurrence``), skipping the per-step factors
-that only backward needs. On CUDA, ``fused=False``, or anything else, each direction goes through
+that only backward needs. For float32, each step's elementwise work (gates, new state,
+backward factors) is one call of a small C++ kernel (``gru_steps.cpp``, compiled on
+first use by ``compiled_steps``) instead of about fifteen PyTorch ops; where it cannot
+be compiled, the PyTorch ops run the same math. On CUDA, ``fused=False``, or anything else, each direction goes through
 ``torch._VF.gru`` (cuDNN on CUDA).
 
 Parameters are named as in ``nn.GRU`` (``weight_ih_l0``, ``weight_hh_l0_reverse``, ...),
@@ -25,6 +28,15 @@ so a ``nn.GRU`` state dict loads into this module and back.
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -67,6 +79,46 @@ def _select_rows(x: Tensor, rows: Tensor) -> Tensor:
 # Rows (steps x batch) of the input projection computed at a time; see _recurrence.
 _PROJECTION_ROWS = 1024
 
+_log = logging.getLogger(__name__)
+
+
+@functools.cache
+def compiled_steps() -> ModuleType | None:
+    """The C++ step kernels of ``gru_steps.cpp``, compiled on first use; None where they cannot be.
+
+    Each kernel does one time step's elementwise work in one pass (forward: the gates, the
+    new state and the factors backward needs; backward: the pre-activation gradients and
+    the carried state gradient), where the PyTorch ops take about fifteen passes and
+    dispatches per step. Compiling needs a C++ compiler and takes about a minute, once:
+    ``torch.utils.cpp_extension`` caches the build (``TORCH_EXTENSIONS_DIR``, by default
+    under ``~/.cache``). Without a compiler, or with ``GRU_NLP_COMPILED_STEPS=0``, the
+    GRU runs the same math as PyTorch ops, slower.
+    """
+    if os.environ.get("GRU_NLP_COMPILED_STEPS", "1") == "0":
+        return None
+    from torch.utils import cpp_extension
+
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX2", "AVX512", "DEFAULT", ...
+    flags = [
+        "-O3",
+        "-fno-trapping-math",  # lets gcc vectorise exp_approx's clamp
+        "-ffp-contract=off",  # no fused multiply-adds: a step rounds alike with and without the backward factors
+    ]
+    if platform.machine().lower() in ("x86_64", "amd64") and capability.startswith(("AVX2", "AVX512")):
+        flags += ["-mavx2", "-mfma"]  # vectorise the step's loops 8 floats wide
+    if sys.platform.startswith("linux"):
+        flags += ["-fopenmp"]  # at::parallel_for splits the batch over torch's threads
+    name = f"gru_nlp_steps_{capability.lower()}"  # one build per instruction set, should the cache be shared
+    try:
+        build = Path(cpp_extension._get_build_directory(name, verbose=False))  # where load() builds, and caches
+        if not any(build.glob("*.so")):
+            _log.warning(f"gru_nlp: compiling the GRU's step kernels into {build} (once; about a minute)")
+        return cpp_extension.load(name, [str(Path(__file__).with_name("gru_steps.cpp"))], extra_cflags=flags, extra_ldflags=flags)
+    except Exception as error:  # no compiler, no ninja, a read-only cache: the PyTorch ops still work
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+        warnings.warn(f"gru_nlp: could not compile the GRU step kernels ({reason}); running the GRU as PyTorch ops, slower")
+        return None
+
 
 def _recurrence(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, saved: Tensor | None = None) -> Tensor:
     """The time loop of one GRU layer, all directions at once, without autograd.
@@ -78,11 +130,17 @@ def _recurrence(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tenso
     fills with the per-step factors ``_FusedGRULayer.backward`` needs; they add about a
     third to the loop's time (measured 380 against 277 µs per step), so inference skips them.
 
+    Each step is one matmul and one call of the compiled step kernel (``compiled_steps``)
+    for float32; otherwise, or where the kernels could not be compiled, PyTorch ops, as follows.
+
     n = tanh(a) is computed as 2 sigmoid(2a) - 1: sigmoid measured ~2x faster than tanh
     here, and doubling the n rows of the input projection is exact (a power of two), so
     the loop gets 2a at no extra cost.
     """
     num_directions, steps, batch, _ = x.shape
+    steps_kernel = compiled_steps() if x.dtype == torch.float32 else None
+    if steps_kernel is not None:
+        return _compiled_recurrence(steps_kernel, x, w_ih, w_hh, b_ih, b_hh, saved)
     hidden = w_hh.size(-1)
     rz, n_gate = slice(0, 2 * hidden), slice(2 * hidden, 3 * hidden)
     # b_hr and b_hz add to the pre-activations just like b_ir and b_iz, so they join the
@@ -95,11 +153,6 @@ def _recurrence(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tenso
 
     states = x.new_empty(num_directions, steps + 1, batch, hidden)  # (D, T+1, B, H)
     states[:, 0] = 0
-    # The input projection runs a chunk of steps ahead of the loop, into one reused buffer
-    # that stays in cache: read back from a whole-sequence projection (50 MB at T=256,
-    # B=64), the loop waited on memory (measured ~8% slower per step).
-    chunk_steps = max(1, _PROJECTION_ROWS // batch)
-    gi_chunk = x.new_empty(num_directions, min(chunk_steps, steps) * batch, 3 * hidden)  # (D, C*B, 3H)
     gates_rz = x.new_empty(num_directions, batch, 2 * hidden)  # (D, B, 2H) scratch
     hidden_n = x.new_empty(num_directions, batch, hidden)  # (D, B, H) scratch: W_hn h + b_hn
     gate_n = torch.empty_like(hidden_n)  # (D, B, H) scratch
@@ -111,26 +164,57 @@ def _recurrence(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tenso
         saved_steps = [slot.unbind(1) for slot in saved.unbind(3)]
         one_minus_z = torch.empty_like(hidden_n)  # (D, B, H) scratch
 
+    for t, gi_t in _input_projections(x, w_ih_t, bias):  # gi_t: (D, B, 3H)
+        h = h_steps[t]  # (D, B, H)
+        torch.baddbmm(gi_t[..., rz], h, w_hrz_t, out=gates_rz).sigmoid_()
+        torch.baddbmm(b_hn, h, w_hn_t, out=hidden_n)
+        torch.addcmul(gi_t[..., n_gate], r, hidden_n, value=2, out=gate_n).sigmoid_()  # sigmoid(2a)
+        n = torch.add(minus_one, gate_n, alpha=2, out=gate_n)  # tanh(a)
+        torch.lerp(n, h, z, out=h_steps[t + 1])
+        if saved is not None:
+            d_hn, d_r, d_z, d_n, z_t = (slot[t] for slot in saved_steps)
+            torch.sub(one, z, out=one_minus_z)
+            torch.addcmul(one, n, n, value=-1, out=d_n).mul_(one_minus_z)  # (1 - n^2)(1 - z)
+            torch.mul(d_n, r, out=d_hn)
+            torch.mul(d_hn, hidden_n, out=d_r).addcmul_(d_r, r, value=-1)  # * r' = r(1 - r)
+            torch.sub(h, n, out=d_z).mul_(z).mul_(one_minus_z)  # (h - n) z(1 - z)
+            z_t.copy_(z)
+    return states
+
+
+def _input_projections(x: Tensor, w_ih_t: Tensor, bias: Tensor) -> Iterator[tuple[int, Tensor]]:
+    """Yield (t, x_t @ w_ih_t + bias) for every step t of x (D, T, B, E): (D, B, 3H) views.
+
+    The projection runs a chunk of steps ahead of the loop, into one reused buffer that
+    stays in cache: read back from a whole-sequence projection (50 MB at T=256, B=64),
+    the loop waited on memory (measured ~8% slower per step). Each view is valid until
+    the next chunk is computed.
+    """
+    num_directions, steps, batch, _ = x.shape
+    chunk_steps = max(1, _PROJECTION_ROWS // batch)
+    gi_chunk = x.new_empty(num_directions, min(chunk_steps, steps) * batch, w_ih_t.size(-1))  # (D, C*B, 3H)
     for start in range(0, steps, chunk_steps):
         stop = min(start + chunk_steps, steps)
         rows = (stop - start) * batch
         gi = torch.baddbmm(bias, x[:, start:stop].reshape(num_directions, rows, -1), w_ih_t, out=gi_chunk[:, :rows])
-        gi_steps = gi.view(num_directions, stop - start, batch, 3 * hidden).unbind(1)  # [(D, B, 3H)]
-        for t in range(start, stop):
-            h, gi_t = h_steps[t], gi_steps[t - start]  # (D, B, H), (D, B, 3H)
-            torch.baddbmm(gi_t[..., rz], h, w_hrz_t, out=gates_rz).sigmoid_()
-            torch.baddbmm(b_hn, h, w_hn_t, out=hidden_n)
-            torch.addcmul(gi_t[..., n_gate], r, hidden_n, value=2, out=gate_n).sigmoid_()  # sigmoid(2a)
-            n = torch.add(minus_one, gate_n, alpha=2, out=gate_n)  # tanh(a)
-            torch.lerp(n, h, z, out=h_steps[t + 1])
-            if saved is not None:
-                d_hn, d_r, d_z, d_n, z_t = (slot[t] for slot in saved_steps)
-                torch.sub(one, z, out=one_minus_z)
-                torch.addcmul(one, n, n, value=-1, out=d_n).mul_(one_minus_z)  # (1 - n^2)(1 - z)
-                torch.mul(d_n, r, out=d_hn)
-                torch.mul(d_hn, hidden_n, out=d_r).addcmul_(d_r, r, value=-1)  # * r' = r(1 - r)
-                torch.sub(h, n, out=d_z).mul_(z).mul_(one_minus_z)  # (h - n) z(1 - z)
-                z_t.copy_(z)
+        yield from enumerate(gi.view(num_directions, stop - start, batch, -1).unbind(1), start)
+
+
+def _compiled_recurrence(
+    steps_kernel: ModuleType, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, saved: Tensor | None
+) -> Tensor:
+    """``_recurrence`` with each step's elementwise work in ``steps_kernel.forward_step``."""
+    num_directions, steps, batch, _ = x.shape
+    hidden = w_hh.size(-1)
+    states = x.new_empty(num_directions, steps + 1, batch, hidden)  # (D, T+1, B, H)
+    states[:, 0] = 0
+    gh = x.new_empty(num_directions, batch, 3 * hidden)  # (D, B, 3H) scratch: W_hh h + b_hh
+    w_hh_t, b_hh = w_hh.transpose(1, 2), b_hh[:, None]  # (D, H, 3H), (D, 1, 3H)
+    h_steps = states.unbind(1)
+    saved_steps = saved.unbind(1) if saved is not None else [None] * steps  # [(D, B, 5, H)]
+    for t, gi_t in _input_projections(x, w_ih.transpose(1, 2), b_ih[:, None]):  # gi_t: (D, B, 3H)
+        torch.baddbmm(b_hh, h_steps[t], w_hh_t, out=gh)
+        steps_kernel.forward_step(gi_t, gh, h_steps[t], h_steps[t + 1], saved_steps[t])
     return states
 
 
@@ -185,14 +269,22 @@ class _FusedGRULayer(torch.autograd.Function):
         grad_pre = saved[..., :4, :]  # (D, T, B, 4, H): slots 0-3, become gradients below
         grad_pre_steps, z_steps = grad_pre.unbind(1), saved[..., 4, :].unbind(1)
         grad_gh_steps = grad_pre[..., :3, :].flatten(3).unbind(1)  # [(D, B, 3H)] rows [n, r, z]
-        grad_out_steps = grad_out.unbind(1)
         w_hh_rolled = w_hh.roll(hidden, dims=1)  # (D, 3H, H) rows [n, r, z]
+        steps_kernel = compiled_steps() if x.dtype == torch.float32 else None
+        if steps_kernel is not None:
+            grad_out = grad_out.contiguous()  # the kernel reads rows; autograd may pass an expanded tensor
+        grad_out_steps = grad_out.unbind(1)
         grad_h, grad_h_next = grad_out[:, -1].clone(), torch.empty_like(grad_out[:, -1])  # (D, B, H)
+        saved_steps = saved.unbind(1)  # [(D, B, 5, H)]
         for t in range(steps - 1, -1, -1):
-            grad_pre_steps[t].mul_(grad_h[:, :, None])  # (D, B, 4, H)
+            # dL/dh_{t-1} = dL/dout_{t-1} + z_t dL/dh_t + dL/dgh_t @ W_hh
+            if steps_kernel is not None:
+                steps_kernel.backward_step(saved_steps[t], grad_h, grad_out_steps[t - 1] if t > 0 else None, grad_h_next)
+            else:
+                grad_pre_steps[t].mul_(grad_h[:, :, None])  # (D, B, 4, H)
+                if t > 0:
+                    torch.addcmul(grad_out_steps[t - 1], z_steps[t], grad_h, out=grad_h_next)
             if t > 0:
-                # dL/dh_{t-1} = dL/dout_{t-1} + z_t dL/dh_t + dL/dgh_t @ W_hh
-                torch.addcmul(grad_out_steps[t - 1], z_steps[t], grad_h, out=grad_h_next)
                 grad_h_next.baddbmm_(grad_gh_steps[t], w_hh_rolled)
                 grad_h, grad_h_next = grad_h_next, grad_h
 

@@ -10,7 +10,8 @@ see the same real tokens:
   pooling, n-gram bag), trained by a Lightning `Trainer` on length-bucketed
   batches (`BucketBatchSampler` + `collate`), the padding-safe GRU, for each
   `--shipped` variant: one process, or (`-ddp`) two single-threaded DDP processes
-  sharing each batch of the same global size, as `configs/cpu_ddp.yaml` trains.
+  sharing each batch of the same global size, as `configs/cpu_ddp.yaml` trains;
+  `-pyops` runs the GRU's steps as PyTorch ops instead of the compiled step kernels.
 
 Only real (non-padding) tokens are counted. Each variant runs in its own process,
 so its peak resident memory is its own. Example:
@@ -153,6 +154,11 @@ def run_shipped(args: argparse.Namespace, encoded: dict, variant: str) -> dict |
                 self.real_tokens += int(batch["lengths"].sum())
                 self.positions += batch["input_ids"].numel()
 
+    from gru_nlp.gru import compiled_steps
+
+    if variant.endswith("-pyops"):  # the GRU's steps as PyTorch ops, without the compiled kernels
+        os.environ["GRU_NLP_COMPILED_STEPS"] = "0"
+        variant = variant.removesuffix("-pyops")
     precision, ddp = variant.removesuffix("-ddp"), variant.endswith("-ddp")
     processes = 2 if ddp else 1
     L.seed_everything(0, verbose=False)
@@ -203,6 +209,7 @@ def run_shipped(args: argparse.Namespace, encoded: dict, variant: str) -> dict |
         "positions_per_s": positions / throughput.elapsed,
         "padding_fraction": 1 - real_tokens / positions,
         "inference_texts_per_s": len(test_ids) / inference_s,
+        "compiled_steps": compiled_steps() is not None,
     }
 
 
@@ -221,7 +228,8 @@ def main() -> None:
         "--shipped",
         nargs="+",
         default=["32-true", "32-true-ddp"],
-        help="shipped variants: a Lightning precision (32-true, bf16-mixed), with -ddp for 2 CPU processes",
+        help="shipped variants: a Lightning precision (32-true, bf16-mixed), with -ddp for 2 CPU processes, "
+        "then -pyops to run the GRU's steps as PyTorch ops instead of the compiled kernels (32-true-ddp-pyops)",
     )
     parser.add_argument("--rounds", type=int, default=1, help="run every variant this many times; report each one's median round")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -280,6 +288,7 @@ def main() -> None:
             f"{name:<24}{r['real_tokens_per_s']:>12,.0f}{r['real_tokens_per_s'] / base['real_tokens_per_s']:>8.2f}"
             f"{r['positions_per_s']:>13,.0f}{r['padding_fraction']:>9.1%}{r['peak_rss_mb']:>9,.0f}"
             f"{r['inference_texts_per_s']:>15,.0f}{r['inference_texts_per_s'] / base['inference_texts_per_s']:>8.2f}"
+            + ("" if r.get("compiled_steps", True) else "  (GRU steps as PyTorch ops)")
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from torch import nn
@@ -21,12 +23,19 @@ def make_pair(num_layers: int, bidirectional: bool, fused: bool = True, dtype=to
     return gru, reference
 
 
-@pytest.mark.parametrize("fused", [True, False, "chunked"])
+def without_compiled_steps(monkeypatch) -> None:
+    """Run the fused GRU's steps as PyTorch ops, as where the C++ kernels cannot be compiled."""
+    monkeypatch.setattr(gru_module, "compiled_steps", lambda: None)
+
+
+@pytest.mark.parametrize("fused", [True, "pyops", False, "chunked"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_matches_nn_gru_per_sequence(num_layers: int, bidirectional: bool, fused: bool | str, monkeypatch) -> None:
     if fused == "chunked":  # the input projection in chunks of 2 steps (2, 2, 2, 1), not all at once
         monkeypatch.setattr(gru_module, "_PROJECTION_ROWS", 2 * BATCH)
+    if fused == "pyops":
+        without_compiled_steps(monkeypatch)
     gru, reference = make_pair(num_layers, bidirectional, fused=bool(fused))
     x = torch.randn(BATCH, STEPS, INPUT, requires_grad=True)
     x_reference = x.detach().clone().requires_grad_(True)
@@ -50,10 +59,13 @@ def test_matches_nn_gru_per_sequence(num_layers: int, bidirectional: bool, fused
         torch.testing.assert_close(param.grad, reference_params[name].grad, atol=1e-5, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "pyops"])
 @pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
-def test_inference_path_matches_nn_gru(no_grad, monkeypatch) -> None:
+def test_inference_path_matches_nn_gru(no_grad, compiled: bool, monkeypatch) -> None:
     """Without gradients the fused GRU runs its loop alone (no saved factors): same outputs."""
     monkeypatch.setattr(gru_module, "_PROJECTION_ROWS", 2 * BATCH)
+    if not compiled:
+        without_compiled_steps(monkeypatch)
     gru, reference = make_pair(2, True)
     x = torch.randn(BATCH, STEPS, INPUT)
     with no_grad():
@@ -172,3 +184,50 @@ def test_lengths_outside_the_padded_batch_are_an_error(lengths: list[int]) -> No
     gru = PaddingSafeGRU(3, 4, num_layers=1)
     with pytest.raises(ValueError, match=r"lengths must be in \[1, 4\] \(the padded length\), got"):
         gru(torch.randn(2, 4, 3), torch.tensor(lengths))
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler here")
+def test_step_kernels_compile_where_there_is_a_compiler() -> None:
+    """Where a compiler exists, the fast path must be in use, not a silent fallback."""
+    assert gru_module.compiled_steps() is not None
+
+
+def test_compiled_steps_match_pyops_over_vector_width(monkeypatch) -> None:
+    """H = 20: the kernels' 8-wide vector loop plus a remainder; outputs and gradients agree with the ops."""
+    if gru_module.compiled_steps() is None:
+        pytest.skip("the step kernels could not be compiled here")
+    torch.manual_seed(0)
+    gru = PaddingSafeGRU(5, 20, num_layers=2)
+    x = torch.randn(4, 9, 5) * 3  # large enough to saturate some gates
+    lengths = torch.tensor([9, 1, 6, 8])
+    results = []
+    for compiled in (True, False):
+        if not compiled:
+            without_compiled_steps(monkeypatch)
+        gru.zero_grad()
+        x_run = x.clone().requires_grad_(True)
+        output = gru(x_run, lengths)
+        (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum().backward()
+        results.append([output, x_run.grad, *(p.grad for p in gru.parameters())])
+    for compiled_result, pyops_result in zip(*results):
+        torch.testing.assert_close(compiled_result, pyops_result, atol=2e-6, rtol=1e-5)
+
+
+def test_forward_step_kernel_saturates_and_keeps_nan() -> None:
+    """Huge pre-activations give saturated gates (no inf or NaN from exp); NaN stays NaN."""
+    steps_kernel = gru_module.compiled_steps()
+    if steps_kernel is None:
+        pytest.skip("the step kernels could not be compiled here")
+    values = torch.tensor([1e4, -1e4, 88.0, -88.0, 0.0, 3.0, float("nan"), 1.0, -1.0])  # 9: a vector and a remainder
+    hidden = values.numel()
+    gi = values.repeat(3).view(1, 1, 3 * hidden)  # (D, B, 3H): r, z and n all see the values
+    gh = torch.zeros(1, 1, 3 * hidden)
+    h = torch.full((1, 1, hidden), 0.5)
+    h_next, saved = torch.empty_like(h), torch.empty(1, 1, 5, hidden)
+    steps_kernel.forward_step(gi, gh, h, h_next, saved)
+    r = z = torch.sigmoid(values)
+    n = torch.tanh(values + r * 0)
+    expected = (1 - z) * n + z * 0.5
+    torch.testing.assert_close(h_next.flatten(), expected, atol=1e-6, rtol=0, equal_nan=True)
+    torch.testing.assert_close(saved[0, 0, 4], z, atol=1e-6, rtol=0, equal_nan=True)
+    assert torch.isfinite(saved[0, 0, :, :6]).all() and saved[0, 0, :, 6].isnan().all()
