@@ -71,7 +71,8 @@ class TextDataModule(L.LightningDataModule):
       are their own split and are read only if named);
     - a single local data file, which becomes the `train` split;
     - the original IMDB folder, `aclImdb/{train,test}/{pos,neg}/*.txt`, with
-      labels `neg`=0 and `pos`=1 (`train/unsup` is not read).
+      labels `neg`=0 and `pos`=1 (`train/unsup/` is the split `unsup`, read only
+      if named, as `load_texts` does for pretraining).
 
     Rows: a row whose text is missing, not a string, or empty after stripping is
     skipped, and a warning gives how many were skipped per split and the first
@@ -607,14 +608,21 @@ def _load_data_files(path: Path, wanted: Collection[str], cache_dir: str | None)
 
 
 def _load_acl_imdb(root: Path, wanted: Collection[str], cache_dir: str | None) -> tuple[dict, dict[str, str]]:
-    sources = {split: str(root / split) for split in ("train", "test") if (root / split / "pos").is_dir()}
+    # split -> (its folder, the folders of its reviews): by label, or one of unlabelled reviews (label -1)
+    layout = {
+        "train": (root / "train", [root / "train" / label for label in ACL_IMDB_LABELS]),
+        "test": (root / "test", [root / "test" / label for label in ACL_IMDB_LABELS]),
+        "unsup": (root / "train" / "unsup", [root / "train" / "unsup"]),
+    }
+    folders = {split: review_folders for split, (_, review_folders) in layout.items() if review_folders[-1].is_dir()}
+    sources = {split: str(layout[split][0]) for split in folders}
     features = Features({"text": Value("string"), "label": ClassLabel(names=ACL_IMDB_LABELS)})
     loaded = {}
-    for split in sources.keys() & set(wanted):
+    for split in folders.keys() & set(wanted):
         files = []
-        for label in ACL_IMDB_LABELS:
-            names = sorted(os.listdir(root / split / label), key=_natural_key)
-            files += [str(root / split / label / name) for name in names if name.endswith(".txt")]
+        for folder in folders[split]:
+            names = sorted(os.listdir(folder), key=_natural_key)
+            files += [str(folder / name) for name in names if name.endswith(".txt")]
         # The sizes and modification times key the cache, so an edited file is read again.
         stats = [(stat.st_size, stat.st_mtime_ns) for stat in map(os.stat, files)]
         try:
@@ -627,19 +635,20 @@ def _load_acl_imdb(root: Path, wanted: Collection[str], cache_dir: str | None) -
             )
         except datasets.exceptions.DatasetGenerationError as err:
             # datasets wraps what the generator raised; the cause names the file.
-            raise DataError(f"could not read {root / split}: {err.__cause__ or err}") from err
+            raise DataError(f"could not read {sources[split]}: {err.__cause__ or err}") from err
     return loaded, sources
 
 
 def _read_acl_imdb(files: list[str], stats: list[tuple[int, int]]) -> Iterator[dict[str, str]]:
-    """Yield one example per review file; the label is the name of its folder."""
+    """Yield one example per review file; the label is the name of its folder (-1, none, for `unsup`)."""
     for file in files:
         data = Path(file).read_bytes()
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as err:
             raise DataError(_utf8_error(Path(file), data, err)) from None
-        yield {"text": text, "label": Path(file).parent.name}
+        label = Path(file).parent.name
+        yield {"text": text, "label": label if label in ACL_IMDB_LABELS else -1}
 
 
 def _check_utf8(path: Path) -> None:

@@ -14,7 +14,8 @@ then fine-tune from them:
         --data.tokenizer_path runs/pretrain/tokenizer.json --model.encoder_path runs/pretrain/encoder.pt
 
 `--data` is read as `gru-nlp fit` reads `--data.path`: a folder of data files named by split
-(`train.parquet` and `unsup.parquet` in ../shared/data/imdb) or a Hugging Face dataset, with
+(`train.parquet` and `unsup.parquet` in ../shared/data/imdb), the original `aclImdb/` folder
+(whose `train/unsup/` is the split `unsup`), or a Hugging Face dataset, with
 `--splits train unsupervised` for `stanfordnlp/imdb`.
 The last 1% of the texts (at most 500) are held out to report the language model's
 validation loss, in nats per predicted token.

@@ -124,6 +124,18 @@ def test_every_source_kind_loads_the_same_examples(tmp_path, tokenizer_path):
         assert splits == reference[: len(splits)], kind
 
 
+def test_acl_imdb_unsup_folder_is_the_unsup_split_for_pretraining_only(tmp_path, tokenizer_path):
+    from gru_nlp.data import load_texts
+
+    root = write_acl_imdb(tmp_path / "imdb")
+    cache_dir = str(tmp_path / "cache")
+    assert load_texts(str(root), ["unsup"], cache_dir=cache_dir) == ["An unlabelled review."]
+    assert len(load_texts(str(root.parent), ["train", "unsup"], cache_dir=cache_dir)) == len(TRAIN) + 1
+    dm = data_module(root, tmp_path, tokenizer_path=tokenizer_path, test_split="test")
+    dm.setup("fit")
+    assert len(examples(dm.train_dataloader())) + len(examples(dm.val_dataloader())) == len(TRAIN)
+
+
 def test_folder_split_names(tmp_path):
     write(tmp_path / "data" / "train.csv", TRAIN)
     write(tmp_path / "data" / "dev.csv", TEST)
