@@ -231,3 +231,17 @@ def test_forward_step_kernel_saturates_and_keeps_nan() -> None:
     torch.testing.assert_close(h_next.flatten(), expected, atol=1e-6, rtol=0, equal_nan=True)
     torch.testing.assert_close(saved[0, 0, 4], z, atol=1e-6, rtol=0, equal_nan=True)
     assert torch.isfinite(saved[0, 0, :, :6]).all() and saved[0, 0, :, 6].isnan().all()
+
+
+def test_without_a_compiler_the_gru_warns_and_runs_as_pytorch_ops(monkeypatch) -> None:
+    monkeypatch.setenv("CXX", "no-such-compiler-for-gru-nlp")
+    gru_module.compiled_steps.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no C\\+\\+ compiler 'no-such-compiler-for-gru-nlp' on PATH"):
+            assert gru_module.compiled_steps() is None
+        gru, reference = make_pair(1, True)
+        x = torch.randn(1, STEPS, INPUT)
+        torch.testing.assert_close(gru(x, torch.tensor([STEPS])), reference(x)[0], atol=1e-5, rtol=0)
+    finally:
+        monkeypatch.undo()
+        gru_module.compiled_steps.cache_clear()  # the next caller loads the cached build again
