@@ -245,13 +245,17 @@ class ClassifierOutput(NamedTuple):
     ngram_logits: Tensor | None = None  # (B, K): the n-gram bag's own scores, if the model has one
 
 
-def fit_side_weights(gru_logits: Tensor, ngram_logits: Tensor, labels: Tensor, max_iter: int = 100) -> Tensor:
+def fit_side_weights(
+    gru_logits: Tensor, ngram_logits: Tensor, labels: Tensor, max_iter: int = 100, penalty: float = 1e-5
+) -> Tensor:
     """The weights (w_gru, w_ngram) that minimise the cross-entropy of w_gru * gru + w_ngram * ngram.
 
     Temperature scaling (Guo et al. 2017) with one temperature per side: two numbers fitted
     on held-out data, so they can only rescale the sides, not learn the data. They are fitted
     as logarithms, so they stay positive: a side that misleads on held-out data is turned
-    down towards zero, never inverted.
+    down towards zero, never inverted. A small penalty on the logarithms (``penalty * |log w|^2``)
+    keeps them finite where the held-out data is separable, whose cross-entropy keeps falling as
+    the weights grow (unpenalised, L-BFGS took them to 4e7, or overflowed its line search).
 
     Args:
         gru_logits: (N, K) the GRU side's scores.
@@ -259,23 +263,25 @@ def fit_side_weights(gru_logits: Tensor, ngram_logits: Tensor, labels: Tensor, m
         labels: (N,) class ids.
 
     Returns:
-        (2,) float32 weights, starting from (1, 1).
+        (2,) float32 weights, starting from (1, 1); (1, 1) if the fit is not finite (NaN scores).
     """
     # Lightning validates under inference mode, whose tensors autograd cannot record: clone out of it.
     with torch.inference_mode(False), torch.enable_grad():
-        sides = torch.stack([gru_logits, ngram_logits]).float().clone()  # (2, N, K)
+        sides = torch.stack([gru_logits, ngram_logits]).double().clone()  # (2, N, K); float64: no overflow mid-search
         labels = labels.clone()
-        log_weights = torch.zeros(2, device=sides.device, requires_grad=True)  # (2,)
+        log_weights = torch.zeros(2, dtype=torch.float64, device=sides.device, requires_grad=True)  # (2,)
         optimizer = torch.optim.LBFGS([log_weights], max_iter=max_iter, line_search_fn="strong_wolfe")
 
         def closure() -> Tensor:
             optimizer.zero_grad()
             loss = F.cross_entropy((log_weights.exp()[:, None, None] * sides).sum(dim=0), labels)
+            loss = loss + penalty * log_weights.square().sum()
             loss.backward()
             return loss
 
         optimizer.step(closure)
-    return log_weights.detach().exp()
+    weights = log_weights.detach().exp().float()
+    return weights if torch.isfinite(weights).all() else torch.ones_like(weights)
 
 
 class BiGRUClassifier(nn.Module):

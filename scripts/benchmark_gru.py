@@ -8,7 +8,9 @@ skip it):
     nn.GRU padded     one cuDNN-style call over the padded batch (wrong on padding; the baseline)
     nn.GRU packed     PackedSequence, exact on padding
     per-direction     PaddingSafeGRU(fused=False): torch._VF.gru per direction, reversal within lengths
-    fused             PaddingSafeGRU(): both directions in one hand-written autograd Function
+    fused             PaddingSafeGRU(): both directions in one hand-written autograd Function,
+                      each step's elementwise work in the compiled kernel (gru_steps.cpp)
+    fused, ops        the same, with each step's elementwise work as PyTorch ops
 
 Options are interleaved inside each round so that load from other processes hits them
 alike; the median over rounds is reported (and the best round, which on a shared machine
@@ -18,14 +20,16 @@ is the better estimate of the uncontended speed). Positions/s counts B*T positio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from gru_nlp import gru as gru_module
 from gru_nlp.gru import PaddingSafeGRU
 
 BATCH, SIZE, LAYERS = 64, 128, 2
@@ -48,17 +52,30 @@ def make_options() -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
         "nn.GRU packed": packed,
         "per-direction": per_direction,
         "fused": fused,
+        "fused, ops": fused,  # run under gru_steps_as_ops
     }
 
 
-def time_once(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, lengths: Tensor, train: bool) -> float:
+@contextlib.contextmanager
+def gru_steps_as_ops() -> Iterator[None]:
+    """PaddingSafeGRU's steps as PyTorch ops instead of the compiled kernels, forward and backward."""
+    compiled_steps = gru_module.compiled_steps
+    gru_module.compiled_steps = lambda: None
+    try:
+        yield
+    finally:
+        gru_module.compiled_steps = compiled_steps
+
+
+def time_once(name: str, fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, lengths: Tensor, train: bool) -> float:
     start = time.perf_counter()
-    if train:
-        x.grad = None
-        fn(x, lengths).sum().backward()
-    else:
-        with torch.inference_mode():
-            fn(x, lengths)
+    with gru_steps_as_ops() if name == "fused, ops" else contextlib.nullcontext():
+        if train:
+            x.grad = None
+            fn(x, lengths).sum().backward()
+        else:
+            with torch.inference_mode():
+                fn(x, lengths)
     return time.perf_counter() - start
 
 
@@ -71,6 +88,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     options = make_options()
+    if gru_module.compiled_steps() is None:
+        print("the GRU's step kernels could not be compiled here: 'fused' runs as PyTorch ops too")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B={BATCH}, E=H={SIZE}, {LAYERS} layers, bidirectional")
     for steps in (128, 256):
         x = torch.randn(BATCH, steps, SIZE, requires_grad=True)
@@ -79,7 +98,7 @@ def main() -> None:
             times: dict[str, list[float]] = {name: [] for name in options}
             for round_ in range(args.rounds + 1):
                 for name, fn in options.items():
-                    seconds = time_once(fn, x, lengths, train)
+                    seconds = time_once(name, fn, x, lengths, train)
                     if round_ > 0:  # round 0 warms up allocator and caches
                         times[name].append(seconds)
             baseline = statistics.median(times["nn.GRU padded"])

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from gru_nlp.model import BiGRUClassifier, NgramBag, lengths_to_mask, fit_side_weights
 
@@ -240,6 +241,24 @@ def test_a_side_that_misleads_is_turned_down_not_inverted():
     weights = fit_side_weights(gru_logits, ngram_logits, labels)
     assert (weights > 0).all()
     assert weights[0] < 0.01 and weights[1] == pytest.approx(1.0, abs=0.1)
+
+
+def test_side_weights_stay_moderate_on_separable_validation_data():
+    # A handful of validation texts that both sides already separate: the cross-entropy keeps
+    # falling as the weights grow, so unpenalised the fit drove every margin to the thousands (or overflowed).
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        n = int(torch.randint(2, 12, (), generator=generator))
+        labels = torch.randint(0, 2, (n,), generator=generator)
+        sign = 2 * F.one_hot(labels, 2).float() - 1  # (n, 2): +1 on the right class
+        scale = torch.rand(2, generator=generator) * torch.tensor([10.0, 3.0])
+        gru_logits = sign * scale[0] * torch.rand(n, 1, generator=generator) + scale[1] * torch.randn(n, 2, generator=generator)
+        ngram_logits = sign * scale[1] * torch.rand(n, 1, generator=generator)
+        weights = fit_side_weights(gru_logits, ngram_logits, labels)
+        served = weights[0] * gru_logits + weights[1] * ngram_logits  # (n, 2)
+        margins = (served * sign).sum(dim=1)  # right class minus wrong class
+        assert torch.isfinite(weights).all() and (weights > 0).all(), weights
+        assert margins.min() < 30, (weights, margins)  # the least sure right answer is not p = 1 - 1e-13
 
 
 def test_side_weights_weigh_the_served_logits_but_not_the_training_sum():
