@@ -34,6 +34,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -92,8 +93,9 @@ def compiled_steps() -> ModuleType | None:
     the carried state gradient), where the PyTorch ops take about fifteen passes and
     dispatches per step. Compiling needs a C++ compiler and takes about a minute, once:
     ``torch.utils.cpp_extension`` caches the build (``TORCH_EXTENSIONS_DIR``, by default
-    under ``~/.cache``). Without a compiler, or with ``GRU_NLP_COMPILED_STEPS=0``, the
-    GRU runs the same math as PyTorch ops, slower.
+    under ``~/.cache``; it must be writable, as ``load`` takes a lock file there even to
+    reuse a build). Without a compiler, or with ``GRU_NLP_COMPILED_STEPS=0``, the GRU runs
+    the same math as PyTorch ops, slower.
     """
     if os.environ.get("GRU_NLP_COMPILED_STEPS", "1") == "0":
         return None
@@ -123,11 +125,28 @@ def compiled_steps() -> ModuleType | None:
         return _without_compiled_steps(f"no C++ compiler {compiler!r} on PATH")
     try:
         build = Path(cpp_extension._get_build_directory(name, verbose=False))  # where load() builds, and caches
+        _remove_stale_lock(build / "lock")
         if not any(build.glob("*.so")):
             _log.warning(f"gru_nlp: compiling the GRU's step kernels into {build} (once; about a minute)")
         return cpp_extension.load(name, [str(Path(__file__).with_name("gru_steps.cpp"))], extra_cflags=flags, extra_ldflags=flags)
     except Exception as error:  # no ninja, a failed build, a read-only cache: the PyTorch ops still work
         return _without_compiled_steps((str(error).strip().splitlines() or [type(error).__name__])[-1])
+
+
+def _remove_stale_lock(lock: Path, stale_after_s: float = 600.0) -> None:
+    """Remove a build lock left by a process killed while compiling.
+
+    ``cpp_extension.load`` waits, without a time limit, for the lock file of a build in
+    progress; a build takes about a minute, so a lock older than ``stale_after_s`` is one
+    whose process died, and every later run would otherwise hang at its first step.
+    """
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > stale_after_s:
+        _log.warning(f"gru_nlp: removing {lock}, left {age / 60:.0f} minutes ago by a build that did not finish")
+        lock.unlink(missing_ok=True)
 
 
 def _without_compiled_steps(reason: str) -> None:
@@ -295,7 +314,7 @@ class _FusedGRULayer(torch.autograd.Function):
         saved_steps = saved.unbind(1)  # [(D, B, 5, H)]
         for t in range(steps - 1, -1, -1):
             # dL/dh_{t-1} = dL/dout_{t-1} + z_t dL/dh_t + dL/dgh_t @ W_hh
-            if steps_kernel is not None:
+            if steps_kernel is not None:  # writes into `saved` where autograd cannot see it: see below
                 steps_kernel.backward_step(saved_steps[t], grad_h, grad_out_steps[t - 1] if t > 0 else None, grad_h_next)
             else:
                 grad_pre_steps[t].mul_(grad_h[:, :, None])  # (D, B, 4, H)
@@ -304,6 +323,8 @@ class _FusedGRULayer(torch.autograd.Function):
             if t > 0:
                 grad_h_next.baddbmm_(grad_gh_steps[t], w_hh_rolled)
                 grad_h, grad_h_next = grad_h_next, grad_h
+        if steps_kernel is not None:  # so that a second backward fails autograd's check, as with the ops
+            torch.autograd.graph.increment_version(saved)
 
         flat = num_directions, steps * batch
         grad_gi = grad_pre[..., 1:, :].reshape(*flat, 3 * hidden)  # (D, T*B, 3H) rows [r, z, n], a view

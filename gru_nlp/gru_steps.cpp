@@ -6,7 +6,8 @@
 // where that fails, gru.py runs the same math as PyTorch ops.
 //
 // Shape legend: D directions, B batch, H hidden size. Every tensor is float32 with a
-// contiguous last dimension; the first two dimensions may have any strides.
+// contiguous last dimension; the first two dimensions may have any strides. Outputs
+// must not overlap inputs (the loops read through __restrict pointers).
 // Gates are stacked [r, z, n] as in nn.GRU:
 //     r = sigmoid(gi_r + gh_r), z = sigmoid(gi_z + gh_z), n = tanh(gi_n + r * gh_n)
 //     h' = (1 - z) * n + z * h
@@ -27,8 +28,9 @@ namespace {
 // neither exp(x) nor 1 / (1 + exp(x)) overflows; NaN stays NaN.
 inline float exp_approx(float x) {
   x = std::min(std::max(x, -87.0f), 87.0f);
-  constexpr float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float k = (x * 1.44269504088896341f + round_magic) - round_magic;  // round(x / ln 2)
+  constexpr float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer ...
+  const float shifted = x * 1.44269504088896341f + round_magic;
+  const float k = shifted - round_magic;  // round(x / ln 2), in [-126, 126]
   const float r = x - k * 0.693359375f + k * 2.12194440e-4f;  // x - k ln 2, ln 2 in two parts
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -37,7 +39,9 @@ inline float exp_approx(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k
+  uint32_t bits;  // ... which sits in the low bits of `shifted`: 2^k is (k + 127) << 23
+  std::memcpy(&bits, &shifted, sizeof bits);
+  bits = (bits - 0x4B400000u + 127u) << 23;  // unsigned, so a NaN's bits wrap instead of overflowing
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
@@ -130,6 +134,7 @@ void backward_step(const torch::Tensor& saved, const torch::Tensor& grad_h, cons
   const int64_t directions = grad_h.size(0), batch = grad_h.size(1), hidden = grad_h.size(2);
   TORCH_CHECK(saved.size(0) == directions && saved.size(1) == batch && saved.size(2) == 5 && saved.size(3) == hidden,
               "saved must be (D, B, 5, H)");
+  TORCH_CHECK(grad_h_prev.sizes() == grad_h.sizes(), "grad_h_prev must be (D, B, H)");
   const bool carry = grad_out_prev.has_value() && grad_out_prev->defined();
   if (carry) {
     check(*grad_out_prev, "grad_out_prev", 3);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -186,20 +187,23 @@ def test_lengths_outside_the_padded_batch_are_an_error(lengths: list[int]) -> No
         gru(torch.randn(2, 4, 3), torch.tensor(lengths))
 
 
-@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler here")
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler here")
 def test_step_kernels_compile_where_there_is_a_compiler() -> None:
     """Where a compiler exists, the fast path must be in use, not a silent fallback."""
     assert gru_module.compiled_steps() is not None
 
 
 def test_compiled_steps_match_pyops_over_vector_width(monkeypatch) -> None:
-    """H = 20: the kernels' 8-wide vector loop plus a remainder; outputs and gradients agree with the ops."""
+    """H = 20: the kernels' 8-wide vector loop plus a remainder; 2 x 20 rows: split over threads.
+
+    Outputs and gradients agree with the PyTorch ops.
+    """
     if gru_module.compiled_steps() is None:
         pytest.skip("the step kernels could not be compiled here")
     torch.manual_seed(0)
     gru = PaddingSafeGRU(5, 20, num_layers=2)
-    x = torch.randn(4, 9, 5) * 3  # large enough to saturate some gates
-    lengths = torch.tensor([9, 1, 6, 8])
+    x = torch.randn(20, 9, 5) * 3  # large enough to saturate some gates
+    lengths = torch.randint(1, 10, (20,))
     results = []
     for compiled in (True, False):
         if not compiled:
@@ -245,3 +249,28 @@ def test_without_a_compiler_the_gru_warns_and_runs_as_pytorch_ops(monkeypatch) -
     finally:
         monkeypatch.undo()
         gru_module.compiled_steps.cache_clear()  # the next caller loads the cached build again
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "pyops"])
+def test_a_second_backward_through_the_gru_is_an_error(compiled: bool, monkeypatch) -> None:
+    """Backward turns the saved factors into gradients in place: a second pass must fail, not reuse them."""
+    if not compiled:
+        without_compiled_steps(monkeypatch)
+    gru, _ = make_pair(1, True)
+    output = gru(torch.randn(BATCH, STEPS, INPUT, requires_grad=True), LENGTHS)
+    output.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        output.sum().backward()
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_a_fresh_one_kept(tmp_path) -> None:
+    """cpp_extension waits forever on its lock file; one older than any build is a dead process's."""
+    stale, fresh = tmp_path / "stale" / "lock", tmp_path / "fresh" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    os.utime(stale, (stale.stat().st_atime, stale.stat().st_mtime - 3600))
+    gru_module._remove_stale_lock(stale)
+    gru_module._remove_stale_lock(fresh)
+    gru_module._remove_stale_lock(tmp_path / "missing" / "lock")
+    assert not stale.exists() and fresh.exists()
