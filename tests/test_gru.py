@@ -230,7 +230,7 @@ def test_forward_step_kernel_saturates_and_keeps_nan() -> None:
     h_next, saved = torch.empty_like(h), torch.empty(1, 1, 5, hidden)
     steps_kernel.forward_step(gi, gh, h, h_next, saved)
     r = z = torch.sigmoid(values)
-    n = torch.tanh(values + r * 0)
+    n = torch.tanh(values)  # gh is zero: r * gh_n adds nothing
     expected = (1 - z) * n + z * 0.5
     torch.testing.assert_close(h_next.flatten(), expected, atol=1e-6, rtol=0, equal_nan=True)
     torch.testing.assert_close(saved[0, 0, 4], z, atol=1e-6, rtol=0, equal_nan=True)
