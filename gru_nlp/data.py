@@ -336,8 +336,9 @@ class TextDataModule(L.LightningDataModule):
             rows[role] = (dataset, kept, labels)
 
         train, _, train_labels = rows["train"]
+        train_feature = train.features[hp.label_field]
         self._label_names, label_ids = _label_ids(
-            train.features[hp.label_field],
+            train_feature,
             train_labels,
             self._requested_label_names,
             hp.train_split,
@@ -349,7 +350,9 @@ class TextDataModule(L.LightningDataModule):
         splits = {}
         for role, (dataset, kept, labels) in rows.items():
             split = named[role]
-            _check_labels(labels, kept, label_ids, split, sources[split])
+            feature = dataset.features[hp.label_field]
+            split_ids = _split_label_ids(feature, train_feature, label_ids, self._label_names)
+            _check_labels(labels, kept, split_ids, feature, self._label_names, split, sources[split])
             skipped = len(kept) < len(dataset)
             if skipped:
                 dataset = dataset.select(kept)
@@ -362,7 +365,7 @@ class TextDataModule(L.LightningDataModule):
                 fn_kwargs={
                     "text_field": hp.text_field,
                     "label_field": hp.label_field,
-                    "label_ids": label_ids,
+                    "label_ids": split_ids,
                     "source_rows": kept if skipped else None,
                 },
                 desc=f"Reading {split}",
@@ -578,13 +581,17 @@ def _load_data_files(path: Path, wanted: Collection[str], cache_dir: str | None)
     sources = {split: ", ".join(map(str, files)) for split, files in split_files.items()}
     # Read only the wanted splits, so that an unused one (IMDB's 50,000 unsup reviews,
     # or a stray metadata .json beside the parquet files) costs nothing and breaks nothing.
-    data_files = {split: files for split, files in split_files.items() if split in wanted}
-    if not data_files:
-        return {}, sources
-    files = [file for split_files in data_files.values() for file in split_files]
+    # Each split is read on its own terms: read together, datasets would make the splits
+    # share one schema, refusing an extra column in one file, and giving every split the
+    # ClassLabel names of one of them (a test file's own names discarded, its labels swapped).
+    loaded = {split: _load_split_files(split, files, cache_dir) for split, files in split_files.items() if split in wanted}
+    return loaded, sources
+
+
+def _load_split_files(split: str, files: list[Path], cache_dir: str | None) -> Dataset:
     builders = {DATA_EXTENSIONS[file.suffix.lower()] for file in files}
     if len(builders) > 1:
-        raise DataError(f"{', '.join(map(str, files))} mix {' and '.join(sorted(builders))} files: use one format")
+        raise DataError(f"{', '.join(map(str, files))} mix {' and '.join(sorted(builders))} files: use one format per split")
     builder = builders.pop()
     for file in files:
         if file.stat().st_size == 0:
@@ -595,16 +602,12 @@ def _load_data_files(path: Path, wanted: Collection[str], cache_dir: str | None)
     # pandas reads "NA", "null", "nan" and friends as missing; here only an empty CSV field is missing.
     options = {"keep_default_na": False, "na_values": [""]} if builder == "csv" else {}
     try:
-        loaded = datasets.load_dataset(
-            builder,
-            data_files={split: [str(file) for file in split_files] for split, split_files in data_files.items()},
-            cache_dir=cache_dir,
-            **options,
+        return datasets.load_dataset(
+            builder, data_files={split: [str(file) for file in files]}, split=split, cache_dir=cache_dir, **options
         )
     except Exception as err:  # datasets raises anything from StopIteration to ArrowInvalid here
         detail = err.__cause__ or err  # DatasetGenerationError says only "An error occurred"
         raise DataError(f"could not read {', '.join(map(str, files))} as {builder}: {detail}") from err
-    return dict(loaded), sources
 
 
 def _load_acl_imdb(root: Path, wanted: Collection[str], cache_dir: str | None) -> tuple[dict, dict[str, str]]:
@@ -765,13 +768,29 @@ def _label_ids(
     return list(names), ids
 
 
-def _check_labels(labels: list, rows: list[int], label_ids: dict[Any, int], split: str, source: str) -> None:
+def _split_label_ids(feature: Any, train_feature: Any, label_ids: dict[Any, int], class_names: list[str]) -> dict[Any, int]:
+    """The map from a split's label values to class ids: the training split's, unless the split's
+    labels are a `ClassLabel` of its own, whose ids then find their classes by name (a file
+    saved with `class_encode_column` numbers only the classes it has, in its own order)."""
+    if not isinstance(feature, ClassLabel) or feature == train_feature:
+        return label_ids
+    if isinstance(train_feature, ClassLabel):
+        by_name = {train_feature.names[value]: class_id for value, class_id in label_ids.items()}
+    else:
+        by_name = {name: class_id for class_id, name in enumerate(class_names)}
+    return {value: by_name[name] for value, name in enumerate(feature.names) if name in by_name}
+
+
+def _check_labels(
+    labels: list, rows: list[int], label_ids: dict[Any, int], feature: Any, class_names: list[str], split: str, source: str
+) -> None:
     for row, label in zip(rows, labels, strict=True):
         if label not in label_ids:
-            raise DataError(
-                f"label {label!r} at row {row} of split {split!r} ({source}) is not one of the "
-                f"training labels {list(label_ids)}"
-            )
+            named = isinstance(feature, ClassLabel) and isinstance(label, int) and 0 <= label < feature.num_classes
+            shown = f"{label!r} ({feature.names[label]!r})" if named else repr(label)
+            values = list(label_ids)
+            classes = repr(class_names) if values == class_names else f"{class_names} (label values {values})"
+            raise DataError(f"label {shown} at row {row} of split {split!r} ({source}) is not one of the classes {classes}")
 
 
 def _standardize(

@@ -147,8 +147,36 @@ def test_folder_split_names(tmp_path):
         ValueError, match=r"test_split='test' is not a split of .* \(it has dataset_info, train, validation\)"
     ):
         data_module(tmp_path / "data", tmp_path).num_classes
-    write(tmp_path / "data" / "test.jsonl", TEST)
-    with pytest.raises(ValueError, match="mix csv and json files"):
+    write(tmp_path / "data" / "train.jsonl", TRAIN)
+    with pytest.raises(ValueError, match="train.csv, .*train.jsonl mix csv and json files"):
+        data_module(tmp_path / "data", tmp_path, test_split=None).num_classes
+
+
+def test_each_split_is_read_on_its_own_terms(tmp_path):
+    # Another format, an extra column and another column order than the training split's.
+    write(tmp_path / "data" / "train.csv", [{"id": i} | row for i, row in enumerate(TRAIN)])
+    write(tmp_path / "data" / "test.jsonl", [{"label": row["label"], "text": row["text"]} for row in TEST])
+    dm = data_module(tmp_path / "data", tmp_path)
+    dm.setup("test")
+    assert [label for _, _, label in examples(dm.test_dataloader())] == [0, 0, 0, 1, 1, 1]
+
+
+def test_a_split_with_classlabel_names_of_its_own_is_matched_by_name(tmp_path):
+    # What `class_encode_column` writes for a split that lists its classes in another order.
+    def save(rows: list[dict], names: list[str], path: Path) -> None:
+        features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+        rows = [{"text": row["text"], "label": names.index(row["label"])} for row in rows]
+        datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
+
+    (tmp_path / "data").mkdir()
+    save(TRAIN, ["neg", "pos"], tmp_path / "data" / "train.parquet")
+    save(TEST, ["pos", "neg"], tmp_path / "data" / "test.parquet")
+    dm = data_module(tmp_path / "data", tmp_path)
+    dm.setup("test")
+    assert dm.label_names == ["neg", "pos"]
+    assert [label for _, _, label in examples(dm.test_dataloader())] == [0, 0, 0, 1, 1, 1]
+    save(TEST + [{"text": "So-so.", "label": "mixed"}], ["mixed", "neg", "pos"], tmp_path / "data" / "test.parquet")
+    with pytest.raises(ValueError, match=r"label 0 \('mixed'\) at row 6 of split 'test' .* not one of the classes \['neg', 'pos'\]"):
         data_module(tmp_path / "data", tmp_path).num_classes
 
 
@@ -360,7 +388,7 @@ def test_integer_labels(tmp_path):
     assert data_module(tmp_path / "data", tmp_path, label_names=["bad", "good", "meh"]).num_classes == 3
     write(tmp_path / "data" / "test.parquet", as_ints(TEST) + [{"text": "Meh.", "label": 2}])
     with pytest.raises(
-        ValueError, match=r"label 2 at row 6 of split 'test' .* not one of the training labels \[0, 1\]"
+        ValueError, match=r"label 2 at row 6 of split 'test' .* not one of the classes \['bad', 'good'\] \(label values \[0, 1\]\)"
     ):
         data_module(tmp_path / "data", tmp_path, label_names=["bad", "good"]).num_classes
 
