@@ -192,7 +192,9 @@ def _read_texts(path: Path, text_field: str) -> Iterator[str]:
         if delimited:
             # Reviews can be long: lift the csv module's default 128 KiB limit per field.
             csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-            reader = csv.DictReader(file, delimiter="\t" if suffix == ".tsv" else ",")
+            # A tab-separated file has no quoting: a quote is part of its text (as in GLUE's files).
+            dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
+            reader = csv.DictReader(file, **dialect)
             if reader.fieldnames is None or text_field not in reader.fieldnames:
                 raise InputError(
                     f"{path}: no column {text_field!r} (columns: {', '.join(reader.fieldnames or [])}); "

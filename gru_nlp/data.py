@@ -1,12 +1,13 @@
 """Load a labelled text dataset, tokenize it, and serve length-bucketed batches.
 
 `TextDataModule` reads a Hugging Face Hub dataset, a local folder or file of
-parquet/csv/json(l) data, or the original `aclImdb/` folder; turns labels into
+parquet/csv/tsv/json(l) data, or the original `aclImdb/` folder; turns labels into
 class ids; carves a stratified validation split when there is none; trains (or
 loads) the tokenizer on the training split only; and encodes every split once,
 in the `datasets` cache, so later runs start quickly.
 """
 
+import csv
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from gru_nlp.tokenizer import PAD_ID, encode, load_tokenizer, save_tokenizer, tr
 
 log = logging.getLogger(__name__)
 
-DATA_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+DATA_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json"}
 SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
 ACL_IMDB_LABELS = ["neg", "pos"]
 DEFAULT_CACHE_DIR = "~/.cache/gru_nlp"
@@ -65,10 +66,11 @@ class TextDataModule(L.LightningDataModule):
     Sources, all given by `path`:
 
     - a Hub dataset id (`"stanfordnlp/imdb"`, or `"glue"` with `name="sst2"`);
-    - a local folder of `.parquet`, `.csv`, `.json` or `.jsonl` files, one format
-      per folder, the file stem naming the split (`train`, `test`; `validation`,
-      `valid`, `val` or `dev` become `validation`; other stems such as `unsup`
-      are their own split and are read only if named);
+    - a local folder of `.parquet`, `.csv`, `.tsv` (tab-separated, no quoting), `.json`
+      or `.jsonl` files, the file stem naming the split (`train`, `test`;
+      `validation`, `valid`, `val` or `dev` become `validation`; other stems such
+      as `unsup` are their own split and are read only if named); each split is
+      read on its own (its format, columns and `ClassLabel` names);
     - a single local data file, which becomes the `train` split;
     - the original IMDB folder, `aclImdb/{train,test}/{pos,neg}/*.txt`, with
       labels `neg`=0 and `pos`=1 (`train/unsup/` is the split `unsup`, read only
@@ -79,7 +81,7 @@ class TextDataModule(L.LightningDataModule):
     row index. A row with a missing (None or NaN) label is an error, as is a
     validation or test label that the training split does not have. In a CSV
     file only an empty field is missing ("NA", "null" and "nan" are text). A
-    csv/json(l)/txt file that is not UTF-8 is an error naming its line. Duplicated
+    csv/tsv/json(l)/txt file that is not UTF-8 is an error naming its line. Duplicated
     rows are kept.
 
     Labels: a `ClassLabel` column keeps its names (`label_names` with the same
@@ -544,7 +546,7 @@ def _load_raw_splits(
         raise HubUnreachableError(
             f"Could not reach the Hugging Face Hub to load {path!r} ({err}), and there is no local "
             f"file or folder called {path!r}. Without the Hub, set `path` to a local folder of "
-            "parquet/csv/json/jsonl files named by split (train.parquet, test.parquet, ...), to a "
+            "parquet/csv/tsv/json/jsonl files named by split (train.parquet, test.parquet, ...), to a "
             "single data file, or to an aclImdb/ folder."
         ) from err
     except datasets.exceptions.DatasetNotFoundError as err:
@@ -599,11 +601,19 @@ def _load_split_files(split: str, files: list[Path], cache_dir: str | None) -> D
         if builder != "parquet":
             # pyarrow's JSON reader keeps invalid UTF-8 in string columns, to fail later deep in to_pylist.
             _check_utf8(file)
-    # pandas reads "NA", "null", "nan" and friends as missing; here only an empty CSV field is missing.
-    options = {"keep_default_na": False, "na_values": [""]} if builder == "csv" else {}
+    options = {}
+    if builder in ("csv", "tsv"):
+        # pandas reads "NA", "null", "nan" and friends as missing; here only an empty field is missing.
+        options = {"keep_default_na": False, "na_values": [""]}
+    if builder == "tsv":  # no quoting: a quote is part of the text (as in GLUE's .tsv files)
+        options |= {"sep": "\t", "quoting": csv.QUOTE_NONE}
     try:
         return datasets.load_dataset(
-            builder, data_files={split: [str(file) for file in files]}, split=split, cache_dir=cache_dir, **options
+            "csv" if builder == "tsv" else builder,
+            data_files={split: [str(file) for file in files]},
+            split=split,
+            cache_dir=cache_dir,
+            **options,
         )
     except Exception as err:  # datasets raises anything from StopIteration to ArrowInvalid here
         detail = err.__cause__ or err  # DatasetGenerationError says only "An error occurred"

@@ -49,6 +49,13 @@ def test_texts_from_stdin_keep_blank_lines(tiny_checkpoint, capsys, monkeypatch)
     assert records[1]["empty"] is True and "empty" not in records[0]
 
 
+def test_a_tsv_file_has_no_quoting(tiny_checkpoint, capsys, tmp_path):
+    # As in GLUE's files: a quote is part of the text, and a lone one does not swallow the next rows.
+    source = _write(tmp_path / "quoted.tsv", 'text\tid\n"Great" fun.\t1\n"Awful.\t2\nA mess.\t3\n')
+    code, printed, _ = run(capsys, ["--ckpt", str(tiny_checkpoint), "--input", str(source)])
+    assert code == 0 and [record["text"] for record in printed] == ['"Great" fun.', '"Awful.', "A mess."]
+
+
 @pytest.mark.parametrize(
     "name, content, field",
     [

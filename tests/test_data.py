@@ -161,6 +161,17 @@ def test_each_split_is_read_on_its_own_terms(tmp_path):
     assert [label for _, _, label in examples(dm.test_dataloader())] == [0, 0, 0, 1, 1, 1]
 
 
+def test_tsv_files_are_tab_separated_without_quoting(tmp_path):
+    (tmp_path / "data").mkdir()
+    rows = ["sentence\tlabel"] + [f"{row['text']}\t{row['label']}" for row in TRAIN]
+    rows[1] = '"the film was dull .\tneg'  # a lone quote, as GLUE's SST-2 has
+    (tmp_path / "data" / "train.tsv").write_text("\n".join(rows) + "\n")
+    dm = data_module(tmp_path / "data", tmp_path, text_field="sentence", test_split=None, val_size=2)
+    dm.setup("fit")
+    texts = [text for role in ("train", "val") for text in dm._text_splits()[role]["text"]]
+    assert len(texts) == 20 and '"the film was dull .' in texts
+
+
 def test_a_split_with_classlabel_names_of_its_own_is_matched_by_name(tmp_path):
     # What `class_encode_column` writes for a split that lists its classes in another order.
     def save(rows: list[dict], names: list[str], path: Path) -> None:
