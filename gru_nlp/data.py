@@ -191,7 +191,8 @@ class TextDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["vocab_size", "label_names"])
         self._max_vocab_size = vocab_size
         self._requested_label_names = label_names
-        self._splits: dict[str, Dataset] | None = None  # role -> columns text, labels
+        self._splits: dict[str, Dataset] | None = None  # role -> columns text, labels, source_row
+        self._predict_split: Dataset | None = None  # columns text, source_row
         self._label_names: list[str] = []
         self._tokenizer: Tokenizer | None = None
         self._encoded: dict[str, Dataset] = {}  # role -> columns labels, input_ids, length, index
@@ -218,7 +219,9 @@ class TextDataModule(L.LightningDataModule):
 
     @property
     def label_names(self) -> list[str]:
-        """The class names, in class id order."""
+        """The class names, in class id order: the `label_names` asked for, else read from the data."""
+        if self._requested_label_names is not None and self._splits is None:
+            return list(self._requested_label_names)  # what reading the labels would give, or an error
         self._text_splits()
         return list(self._label_names)
 
@@ -233,8 +236,10 @@ class TextDataModule(L.LightningDataModule):
         return PAD_ID
 
     def prepare_data(self) -> None:
-        """Encode every configured split, in one process, so that `setup` on each rank reads the cache."""
-        for role in self._text_splits():
+        """Encode the splits, in one process, so that `setup` on each rank reads the cache: the
+        predicted one in `predict`, else every configured split."""
+        predicting = self.trainer is not None and self.trainer.predicting
+        for role in _STAGE_ROLES["predict"] if predicting else self._text_splits():
             self._encoded_split(role)
 
     def setup(self, stage: str) -> None:
@@ -252,7 +257,11 @@ class TextDataModule(L.LightningDataModule):
         return self._dataloader("test", shuffle=False, batch_size=self._eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
-        """Batches of the test split (else validation), longest first; `batch["index"]` restores row order."""
+        """Batches of the test split (else validation), longest first; `batch["index"]` restores row order.
+
+        Its labels are not read, so the split may have none; and when the tokenizer and the label
+        names are given (as a checkpoint gives them to `gru-nlp predict`), no training split is read.
+        """
         return self._dataloader("predict", shuffle=False, batch_size=self._eval_batch_size)
 
     @property
@@ -281,21 +290,22 @@ class TextDataModule(L.LightningDataModule):
     def predict_texts(self) -> tuple[list[int], list[str]]:
         """What `predict_dataloader` serves, in order (`batch["index"]` indexes these lists): each
         text's row number in its split as loaded (rows without text are skipped), and the text."""
-        splits = self._text_splits()
-        split = splits["test" if "test" in splits else "val"]
+        split = self._texts_to_predict()
         return _column(split, "source_row"), _column(split, "text")
 
     def _encoded_split(self, role: str) -> Dataset:
-        """The split of `role` as `input_ids`, `length`, `labels` and `index` columns."""
-        splits = self._text_splits()
+        """The split of `role` as `input_ids`, `length`, `index` and (but to predict) `labels` columns."""
         if role == "predict":
-            role = "test" if "test" in splits else "val"
-        if role not in splits:
-            raise DataError(f"there is no {role} split: set test_split to a split of {self.hparams.path}")
+            split = self._texts_to_predict()
+        else:
+            splits = self._text_splits()
+            if role not in splits:
+                raise DataError(f"there is no {role} split: set test_split to a split of {self.hparams.path}")
+            split = splits[role]
         if role not in self._encoded:
             # datasets fingerprints the function and fn_kwargs (the tokenizer hashes by
             # its JSON), so the same data and tokenizer hit the cache in a later run.
-            self._encoded[role] = splits[role].map(
+            self._encoded[role] = split.map(
                 _encode_batch,
                 batched=True,
                 with_indices=True,
@@ -308,6 +318,38 @@ class TextDataModule(L.LightningDataModule):
                 desc=f"Encoding {role}",
             )
         return self._encoded[role]
+
+    def _texts_to_predict(self) -> Dataset:
+        """The split `predict` reads, with columns `text` and `source_row`: the test split, else the
+        validation split (named, else the source's, else carved from training); labels unread."""
+        if self._predict_split is not None:
+            return self._predict_split
+        hp = self.hparams
+        split = hp.test_split or hp.val_split or "validation"
+        raw, sources = _load_raw_splits(hp.path, hp.name, {split}, hp.cache_dir)
+        if split not in raw:
+            if hp.test_split is None and hp.val_split is None:
+                self._predict_split = self._text_splits()["val"]  # carved from training
+                return self._predict_split
+            arg = "test_split" if hp.test_split else "val_split"
+            raise DataError(
+                f"{arg}={split!r} is not a split of {hp.path} (it has {', '.join(sorted(sources)) or 'none'}): "
+                f"set {arg} to the split to predict"
+            )
+        dataset = raw[split]
+        _check_columns(dataset, hp.text_field, None, split, sources[split])
+        kept = _rows_with_text(_column_values(dataset, hp.text_field), split, sources[split], hp.text_field)
+        skipped = len(kept) < len(dataset)
+        self._predict_split = (dataset.select(kept) if skipped else dataset).map(
+            _standardize,
+            batched=True,
+            with_indices=True,
+            remove_columns=dataset.column_names,
+            features=Features({"text": Value("string"), "source_row": Value("int64")}),
+            fn_kwargs={"text_field": hp.text_field, "source_rows": kept if skipped else None},
+            desc=f"Reading {split}",
+        )
+        return self._predict_split
 
     def _text_splits(self) -> dict[str, Dataset]:
         """The cleaned splits by role (train, val, test), each with columns `text` and `labels`."""
@@ -692,9 +734,9 @@ def _column(dataset: Dataset, name: str) -> list:
     return dataset.with_format("arrow")[name].to_pylist()
 
 
-def _check_columns(dataset: Dataset, text_field: str, label_field: str, split: str, source: str) -> None:
-    """The text and label columns exist, and the text column is not a column of numbers."""
-    for column in (text_field, label_field):
+def _check_columns(dataset: Dataset, text_field: str, label_field: str | None, split: str, source: str) -> None:
+    """The text and (unless None) label columns exist, and the text column is not a column of numbers."""
+    for column in filter(None, (text_field, label_field)):
         if column not in dataset.column_names:
             raise DataError(
                 f"column {column!r} not found in split {split!r} of {source}; it has columns "
@@ -723,7 +765,17 @@ def _column_values(dataset: Dataset, name: str) -> list:
 
 def _usable_rows(dataset: Dataset, text_field: str, label_field: str, split: str, source: str) -> tuple[list, list]:
     """The row numbers that have text, and their labels; raises on a missing label."""
-    texts, labels = _column_values(dataset, text_field), _column_values(dataset, label_field)
+    kept = _rows_with_text(_column_values(dataset, text_field), split, source, text_field)
+    labels = _column_values(dataset, label_field)
+    kept_labels = [labels[row] for row in kept]
+    for row, label in zip(kept, kept_labels, strict=True):
+        if label is None or (isinstance(label, float) and math.isnan(label)):
+            raise DataError(f"row {row} of split {split!r} ({source}) has no label: fill it in or drop the row")
+    return kept, kept_labels
+
+
+def _rows_with_text(texts: list, split: str, source: str, text_field: str) -> list[int]:
+    """The row numbers whose text is a non-blank string; warns how many others were skipped."""
     kept = [row for row, text in enumerate(texts) if isinstance(text, str) and text.strip()]
     if len(kept) < len(texts):
         first = next(row for row, text in enumerate(texts) if not (isinstance(text, str) and text.strip()))
@@ -737,11 +789,7 @@ def _usable_rows(dataset: Dataset, text_field: str, label_field: str, split: str
         )
     if not kept:
         raise DataError(f"split {split!r} of {source} has no rows with text in column {text_field!r}")
-    kept_labels = [labels[row] for row in kept]
-    for row, label in zip(kept, kept_labels, strict=True):
-        if label is None or (isinstance(label, float) and math.isnan(label)):
-            raise DataError(f"row {row} of split {split!r} ({source}) has no label: fill it in or drop the row")
-    return kept, kept_labels
+    return kept
 
 
 def _label_ids(
@@ -807,16 +855,19 @@ def _standardize(
     batch: dict[str, list],
     indices: list[int],
     text_field: str,
-    label_field: str,
-    label_ids: dict[Any, int],
     source_rows: list[int] | None,
+    label_field: str | None = None,
+    label_ids: dict[Any, int] | None = None,
 ) -> dict:
-    """The text, class id, and row in the source split (`source_rows` maps kept rows back; None: none skipped)."""
-    return {
+    """The text, row in the source split (`source_rows` maps kept rows back; None: none skipped)
+    and, given a `label_field`, class id."""
+    columns = {
         "text": batch[text_field],
-        "labels": [label_ids[label] for label in batch[label_field]],
         "source_row": indices if source_rows is None else [source_rows[i] for i in indices],
     }
+    if label_field is not None:
+        columns["labels"] = [label_ids[label] for label in batch[label_field]]
+    return columns
 
 
 def _encode_batch(

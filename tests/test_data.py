@@ -401,7 +401,7 @@ def test_integer_labels(tmp_path):
     with pytest.raises(
         ValueError, match=r"label 2 at row 6 of split 'test' .* not one of the classes \['bad', 'good'\] \(label values \[0, 1\]\)"
     ):
-        data_module(tmp_path / "data", tmp_path, label_names=["bad", "good"]).num_classes
+        data_module(tmp_path / "data", tmp_path, label_names=["bad", "good"]).setup("test")
 
 
 def test_integer_labels_named_by_their_values_keep_their_classes(tmp_path):
@@ -506,7 +506,7 @@ def test_missing_files_are_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         data_module("reviews.csv", tmp_path).num_classes
     (tmp_path / "empty_folder").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"no \.parquet, \.csv, \.json, \.jsonl files in .*empty_folder"):
+    with pytest.raises(FileNotFoundError, match=r"no \.parquet, \.csv, \.tsv, \.json, \.jsonl files in .*empty_folder"):
         data_module(tmp_path / "empty_folder", tmp_path).num_classes
 
 

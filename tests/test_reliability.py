@@ -261,6 +261,22 @@ def test_predict_writes_every_text_in_row_order_as_the_api_classifies_it(tmp_pat
         assert line["score"] == pytest.approx(p.score, abs=1e-5) == line["probs"][p.label]
 
 
+def test_predict_needs_neither_labels_nor_a_training_split(tmp_path):
+    fit = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
+    best = fit.trainer.checkpoint_callback.best_model_path
+    texts = [json.loads(line)["text"] for line in (REPO / "tests/fixtures/tiny/test.jsonl").read_text().splitlines()]
+    data = tmp_path / "unlabelled"
+    data.mkdir()
+    (data / "test.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    predicted = run_cli(["predict", *tiny_args(tmp_path, "--ckpt_path", best, "--data.path", str(data))[1:]])
+    lines = [json.loads(line) for line in (Path(predicted.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()]
+    assert [line["text"] for line in lines] == texts
+    from gru_nlp import TextClassifier
+
+    expected = TextClassifier.from_checkpoint(best, device="cpu").predict(texts)
+    assert [line["label"] for line in lines] == [p.label for p in expected]
+
+
 def test_a_tokenizer_path_that_cannot_be_loaded_is_one_line_naming_it(tmp_path, capsys):
     fit = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
     best = fit.trainer.checkpoint_callback.best_model_path
