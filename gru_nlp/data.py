@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from gru_nlp.batching import BucketBatchSampler, collate
 from gru_nlp.labels import integer_label_ids
-from gru_nlp.tokenizer import PAD_ID, encode, load_tokenizer, save_tokenizer, train_tokenizer
+from gru_nlp.tokenizer import PAD_ID, SPECIAL_TOKENS, encode, load_tokenizer, save_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +173,11 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        for arg, value in (("val_size", val_size), ("max_length", max_length), ("batch_size", batch_size)):
+        for arg, value in (("val_size", val_size), ("max_length", max_length), ("batch_size", batch_size), ("pool_size", pool_size)):
             if value <= 0:
                 raise DataError(f"{arg} must be positive, got {value}")
+        if vocab_size < len(SPECIAL_TOKENS):
+            raise DataError(f"vocab_size must be at least {len(SPECIAL_TOKENS)} (the special tokens), got {vocab_size}")
         if eval_batch_size is not None and eval_batch_size <= 0:
             raise DataError(f"eval_batch_size must be positive, got {eval_batch_size}")
         if val_size >= 1 and not float(val_size).is_integer():

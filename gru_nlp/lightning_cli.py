@@ -32,6 +32,7 @@ from gru_nlp.checkpoint import CHECKPOINT_KEY, CheckpointError, load_checkpoint,
 from gru_nlp.data import DEFAULT_CACHE_DIR, DataError, TextDataModule
 from gru_nlp.language_model import EncoderError
 from gru_nlp.lit import LitClassifier
+from gru_nlp.model import SettingError
 from gru_nlp.tokenizer import load_tokenizer, save_tokenizer
 
 # The exit status of a process ended by SIGTERM (128 + 15), as shells report it.
@@ -248,7 +249,7 @@ def run_cli(args: list[str] | None = None, **kwargs) -> GruNlpCLI:
 
     ``args`` are the command-line arguments after the program name; None reads ``sys.argv``.
 
-    Unusable data, output folder, checkpoint or pretrained encoder exits with status 2 and a one-line message; a SIGTERM during
+    Unusable data, output folder, checkpoint, pretrained encoder or model setting exits with status 2 and a one-line message; a SIGTERM during
     ``fit`` exits with status 143 after `ResumeCheckpoint` saved ``last.ckpt``.
     """
     keep_freed_memory()
@@ -263,7 +264,7 @@ def run_cli(args: list[str] | None = None, **kwargs) -> GruNlpCLI:
             save_config_kwargs={"overwrite": True},
             **kwargs,
         )
-    except (OutputFolderError, CheckpointError, DataError, EncoderError) as err:
+    except (OutputFolderError, CheckpointError, DataError, EncoderError, SettingError) as err:
         print(f"gru-nlp: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except SIGTERMException:

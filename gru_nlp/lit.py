@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from gru_nlp.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 from gru_nlp.language_model import BiGRULanguageModel, check_encoder_tokenizer, copy_encoder, load_encoder
-from gru_nlp.model import BiGRUClassifier, NgramFeatures, Pooling, fit_side_weights
+from gru_nlp.model import BiGRUClassifier, NgramFeatures, Pooling, SettingError, check_settings, fit_side_weights
 from gru_nlp.tokenizer import save_tokenizer
 
 
@@ -97,9 +97,15 @@ class LitClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         if label_names is not None and len(label_names) != num_classes:
-            raise ValueError(f"label_names has {len(label_names)} names but num_classes is {num_classes}")
+            raise SettingError(f"label_names has {len(label_names)} names but num_classes is {num_classes}")
         if class_weights is not None and len(class_weights) != num_classes:
-            raise ValueError(f"class_weights has {len(class_weights)} values but num_classes is {num_classes}")
+            raise SettingError(f"class_weights has {len(class_weights)} values but num_classes is {num_classes}")
+        if class_weights is not None and (min(class_weights) < 0 or max(class_weights) <= 0):
+            raise SettingError(f"class_weights must be 0 or more, and not all 0, got {class_weights}")
+        check_settings("positive", lr=lr, ngram_lr=ngram_lr)
+        check_settings("non_negative", weight_decay=weight_decay, branch_loss=branch_loss)
+        check_settings("fraction", warmup=warmup, label_smoothing=label_smoothing)
+        check_settings("ratio", min_lr_ratio=min_lr_ratio)
         self.save_hyperparameters()
         self.label_names = label_names or [str(i) for i in range(num_classes)]
         self.model = BiGRUClassifier(

@@ -33,6 +33,27 @@ def lengths_to_mask(lengths: Tensor, max_length: int) -> Tensor:
     return torch.arange(max_length, device=lengths.device)[None, :] < lengths[:, None]
 
 
+class SettingError(ValueError):
+    """A model or training setting outside its range; the message names the setting."""
+
+
+_SETTING_RULES = {
+    "count": (lambda value: value >= 1, "at least 1"),
+    "positive": (lambda value: value > 0, "above 0"),
+    "non_negative": (lambda value: value >= 0, "0 or more"),
+    "fraction": (lambda value: 0 <= value < 1, "in [0, 1)"),
+    "ratio": (lambda value: 0 <= value <= 1, "in [0, 1]"),
+}
+
+
+def check_settings(rule: Literal["count", "positive", "non_negative", "fraction", "ratio"], **settings: float) -> None:
+    """Raise `SettingError` naming the first setting that breaks `rule` (NaN breaks every rule)."""
+    holds, wanted = _SETTING_RULES[rule]
+    for name, value in settings.items():
+        if not holds(value):
+            raise SettingError(f"{name} must be {wanted}, got {value}")
+
+
 class AttentionPooling(nn.Module):
     """Additive attention (Bahdanau-style) pooling over the real tokens of a sequence.
 
@@ -123,9 +144,9 @@ class NgramBag(nn.Module):
     ) -> None:
         super().__init__()
         if order < 1:
-            raise ValueError(f"the n-gram order must be >= 1; got {order}")
+            raise SettingError(f"the n-gram order must be >= 1; got {order}")
         if features not in NGRAM_FEATURES:
-            raise ValueError(f"n-gram features must be one of {', '.join(NGRAM_FEATURES)}; got {features!r}")
+            raise SettingError(f"n-gram features must be one of {', '.join(NGRAM_FEATURES)}; got {features!r}")
         self.vocab_size = vocab_size
         self.buckets = buckets
         self.pad_id = pad_id
@@ -334,9 +355,18 @@ class BiGRUClassifier(nn.Module):
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+            raise SettingError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
         if ngram_buckets < 0:
-            raise ValueError(f"ngram_buckets must be >= 0 (0 turns the n-gram bag off); got {ngram_buckets}")
+            raise SettingError(f"ngram_buckets must be >= 0 (0 turns the n-gram bag off); got {ngram_buckets}")
+        check_settings(
+            "count",
+            vocab_size=vocab_size,
+            num_classes=num_classes,
+            embedding_dim=embedding_dim,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+        )
+        check_settings("fraction", dropout=dropout, embedding_dropout=embedding_dropout, recurrent_dropout=recurrent_dropout)
         self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=pad_id)
         self.embedding_dropout = embedding_dropout
         self.gru = PaddingSafeGRU(embedding_dim, hidden_size, num_layers, bidirectional, dropout, recurrent_dropout)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gru_nlp.model import BiGRUClassifier, NgramBag, lengths_to_mask, fit_side_weights
+from gru_nlp.model import BiGRUClassifier, NgramBag, SettingError, fit_side_weights, lengths_to_mask
 
 # Odd, all-different sizes so a swapped dimension cannot pass by accident.
 B, T, V, E, H, K = 3, 7, 50, 8, 6, 5
@@ -276,3 +276,12 @@ def test_side_weights_weigh_the_served_logits_but_not_the_training_sum():
     older = {name: value for name, value in model.state_dict().items() if name != "side_weights"}
     model.load_state_dict(older)  # a checkpoint from before side weights: the plain sum
     torch.testing.assert_close(model.side_weights, torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [({"hidden_size": 0}, "hidden_size must be at least 1"), ({"dropout": float("nan")}, "dropout must be in \\[0, 1\\), got nan")],
+)
+def test_a_setting_out_of_range_names_itself(setting, message):
+    with pytest.raises(SettingError, match=message):
+        BiGRUClassifier(vocab_size=10, num_classes=2, **setting)

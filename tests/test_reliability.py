@@ -288,6 +288,26 @@ def test_a_tokenizer_path_that_cannot_be_loaded_is_one_line_naming_it(tmp_path, 
     assert f"--data.tokenizer_path: no tokenizer file at {missing}" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--model.hidden_size", "0", "hidden_size must be at least 1, got 0"),
+        ("--model.num_layers", "0", "num_layers must be at least 1, got 0"),
+        ("--model.dropout", "1.5", "dropout must be in [0, 1), got 1.5"),
+        ("--model.lr", "-1", "lr must be above 0, got -1.0"),
+        ("--model.class_weights", "[1, 2, 3]", "class_weights has 3 values but num_classes is 2"),
+        ("--data.pool_size", "0", "pool_size must be positive, got 0"),
+        ("--data.vocab_size", "1", "vocab_size must be at least 2 (the special tokens), got 1"),
+    ],
+)
+def test_a_setting_out_of_range_is_one_line_naming_it(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as refused:
+        run_cli(tiny_args(tmp_path, flag, value))
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert f"gru-nlp: error: {message}" in err and "Traceback" not in err
+
+
 def test_unusable_data_is_one_line_naming_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:
         run_cli(tiny_args(tmp_path, "--data.text_field", "review"))
