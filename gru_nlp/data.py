@@ -184,6 +184,8 @@ class TextDataModule(L.LightningDataModule):
             raise DataError(f"val_size must be a fraction below 1 or a whole count, got {val_size}")
         if val_carve not in ("random", "tail", "sentences"):
             raise DataError(f"val_carve must be 'random', 'tail' or 'sentences', got {val_carve!r}")
+        if cache_dir is not None:
+            tokenizer_cache_folder(cache_dir)  # before minutes of loading, not after
         if label_names is not None and len(set(label_names)) < len(label_names):
             repeated = sorted({name for name in label_names if list(label_names).count(name) > 1})
             raise DataError(f"label_names {list(label_names)} name a class twice: {', '.join(map(repr, repeated))}")
@@ -460,8 +462,7 @@ class TextDataModule(L.LightningDataModule):
             "version": _TOKENIZER_CACHE_VERSION,
         }
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        path = Path(hp.cache_dir or DEFAULT_CACHE_DIR).expanduser() / "tokenizers" / f"{key}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = tokenizer_cache_folder(hp.cache_dir) / f"{key}.json"
         # Training is not deterministic (ties between equally frequent pairs), so the
         # processes of a DDP run must share one tokenizer: the first trains, the others wait.
         with FileLock(f"{path}.lock"):
@@ -478,6 +479,22 @@ class TextDataModule(L.LightningDataModule):
             )
             save_tokenizer(tokenizer, path)
         return tokenizer
+
+
+def tokenizer_cache_folder(cache_dir: str | None) -> Path:
+    """The folder of cached tokenizers in `cache_dir` (else `DEFAULT_CACHE_DIR`), created if need be."""
+    folder = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / "tokenizers"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        writable = os.access(folder, os.W_OK)
+    except OSError as err:
+        problem = f"cannot create {folder} ({err.strerror or err})"
+    else:
+        problem = None if writable else f"cannot write in {folder}"
+    if problem:
+        named = f"cache_dir {cache_dir}" if cache_dir else f"the default cache folder {DEFAULT_CACHE_DIR}"
+        raise DataError(f"{named}: {problem}; set cache_dir to a folder this process can write")
+    return folder
 
 
 def load_texts(path: str, splits: Collection[str], text_field: str = "text", cache_dir: str | None = None) -> list[str]:

@@ -29,7 +29,7 @@ from gru_nlp.callbacks import (
     check_output_folder,
 )
 from gru_nlp.checkpoint import CHECKPOINT_KEY, CheckpointError, load_checkpoint, stored_tokenizer
-from gru_nlp.data import DEFAULT_CACHE_DIR, DataError, TextDataModule
+from gru_nlp.data import DataError, TextDataModule, tokenizer_cache_folder
 from gru_nlp.language_model import EncoderError
 from gru_nlp.lit import LitClassifier
 from gru_nlp.model import SettingError
@@ -238,7 +238,7 @@ def _tokenizer_json(path: str) -> str:
 def _checkpoint_tokenizer(checkpoint: dict, ckpt_path: str, cache_dir: str | None) -> str:
     """Write the tokenizer stored in a checkpoint to the tokenizer cache; return the file's path."""
     key = hashlib.sha256(checkpoint[CHECKPOINT_KEY]["tokenizer"].encode()).hexdigest()[:16]
-    path = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / "tokenizers" / f"checkpoint-{key}.json"
+    path = tokenizer_cache_folder(cache_dir) / f"checkpoint-{key}.json"
     if not path.exists():
         save_tokenizer(stored_tokenizer(checkpoint, ckpt_path), path)
     return str(path)

@@ -308,6 +308,19 @@ def test_a_setting_out_of_range_is_one_line_naming_it(tmp_path, capsys, flag, va
     assert f"gru-nlp: error: {message}" in err and "Traceback" not in err
 
 
+def test_a_cache_dir_that_cannot_be_a_folder_is_one_line_naming_it(tmp_path, capsys):
+    fit = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
+    best = fit.trainer.checkpoint_callback.best_model_path
+    (tmp_path / "a_file").touch()
+    unusable = str(tmp_path / "a_file" / "cache")
+    for args in (tiny_args(tmp_path, cache=unusable), ["test", *tiny_args(tmp_path, "--ckpt_path", best, cache=unusable)[1:]]):
+        with pytest.raises(SystemExit) as refused:
+            run_cli(args)
+        assert refused.value.code == 2
+        err = capsys.readouterr().err
+        assert f"gru-nlp: error: cache_dir {unusable}: cannot create" in err and "Traceback" not in err
+
+
 def test_unusable_data_is_one_line_naming_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:
         run_cli(tiny_args(tmp_path, "--data.text_field", "review"))
