@@ -279,12 +279,8 @@ class TextClassifier:
             ValueError: a label that is not one of this model's classes, named with its position.
         """
         labels = list(labels)
-        numbers = all(
-            isinstance(label, int | float | np.integer | np.floating)
-            and not isinstance(label, bool)
-            and float(label).is_integer()
-            for label in labels
-        )
+        # Booleans are integers here, as training reads them (False and True: ids 0 and 1).
+        numbers = all(isinstance(label, int | float | np.integer | np.floating) and float(label).is_integer() for label in labels)
         if numbers:
             labels = [int(label) for label in labels]
             lookup = integer_label_ids(labels, self.labels)
