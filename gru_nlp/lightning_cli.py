@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import re
 import sys
@@ -45,6 +46,12 @@ _SCORING_SUBCOMMANDS = {"validate", "test", "predict"}
 # Data settings that a resumed run may change: where files live, how many workers read them,
 # and the evaluation batch size; the tokenizer is compared by content.
 _SETTINGS_THAT_KEEP_A_RUN = {"cache_dir", "num_workers", "tokenizer_path", "eval_batch_size"}
+# Model settings a resumed run may leave out or change: the pretrained encoder only started the
+# weights, which the checkpoint now holds; the rest are linked from the data.
+_MODEL_SETTINGS_A_RESUME_IGNORES = {"encoder_path", "vocab_size", "num_classes", "label_names", "pad_id"}
+# Data settings that decide which training rows a carved validation split holds: scoring a
+# checkpoint with others would validate on rows it trained on.
+_CARVE_SETTINGS = ("train_split", "val_size", "val_carve", "seed")
 
 
 class GruNlpCLI(LightningCLI):
@@ -121,6 +128,19 @@ class GruNlpCLI(LightningCLI):
             if configured != trained:
                 rank_zero_info(f"Using the checkpoint's data.{setting} {trained!r}, not {configured!r}: it was trained with it")
                 setattr(config.data, setting, trained)
+        if subcommand == "fit":
+            _refuse_other_model_settings(config.model, checkpoint.get("hyper_parameters", {}), ckpt_path)
+        elif subcommand in _SCORING_SUBCOMMANDS:
+            # A validation split carved from training must be the one the fit held out.
+            trained_data = checkpoint.get("datamodule_hyper_parameters", {})
+            for setting in _CARVE_SETTINGS:
+                trained, configured = trained_data.get(setting), getattr(config.data, setting)
+                if trained is not None and configured != trained:
+                    rank_zero_info(
+                        f"Using the checkpoint's data.{setting} {trained!r}, not {configured!r}: a validation split "
+                        "carved from training must hold the rows that fit held out"
+                    )
+                    setattr(config.data, setting, trained)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config  # no subcommand with run=False
@@ -147,6 +167,23 @@ class GruNlpCLI(LightningCLI):
             if found is not None:
                 config["ckpt_path"] = found
                 rank_zero_info(f"Resuming from {found}")
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and ckpt_path not in _LIGHTNING_CKPT_NAMES and Path(ckpt_path).is_file():
+            self._keep_checkpoints_in_the_resumed_folders(ckpt_path)
+            self.model.encoder_pending = False  # the checkpoint holds the weights the encoder started
+
+    def _keep_checkpoints_in_the_resumed_folders(self, ckpt_path: str) -> None:
+        """Write a resumed run's checkpoints where the run wrote them before.
+
+        A ModelCheckpoint restores its best-so-far (score, path, top k) only into the folder it
+        saved them from; in this run's new version_N folder it would start afresh and call the
+        first epoch after the resume the best, however much worse than an earlier one.
+        """
+        states = load_checkpoint(ckpt_path).get("callbacks", {})
+        for callback in self.trainer.checkpoint_callbacks:
+            state = states.get(callback.state_key) or {}
+            if callback.dirpath is None and state.get("dirpath"):
+                callback.dirpath = state["dirpath"]
 
     def after_fit(self) -> None:
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
@@ -207,6 +244,23 @@ class GruNlpCLI(LightningCLI):
                 "it anyway, or leave out --ckpt_path to start afresh"
             )
         return None
+
+
+def _refuse_other_model_settings(configured: Any, trained: dict, ckpt_path: str) -> None:
+    """A resumed fit keeps its checkpoint's model settings (LightningCLI puts them in the config):
+    refuse a setting given another value, rather than drop it unsaid. A setting at its default
+    counts as not given, so resuming without the fit's --config works."""
+    defaults = {name: parameter.default for name, parameter in inspect.signature(LitClassifier).parameters.items()}
+    changed = [
+        f"model.{name} {configured[name]!r} (trained with {trained[name]!r})"
+        for name in sorted(trained.keys() - _MODEL_SETTINGS_A_RESUME_IGNORES)
+        if name in configured and configured[name] not in (trained[name], defaults.get(name))
+    ]
+    if changed:
+        raise CheckpointError(
+            f"--ckpt_path {ckpt_path}: resuming keeps the checkpoint's model settings, but this command sets "
+            f"{', '.join(changed)}; leave them out to resume, or leave out --ckpt_path to start a new run"
+        )
 
 
 def _run_settings(model_hparams: dict, data_hparams: dict, seed: Any) -> dict[str, Any]:

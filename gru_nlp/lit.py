@@ -62,9 +62,9 @@ class LitClassifier(L.LightningModule):
         encoder_path: an `encoder.pt` from scripts/pretrain_imdb.py: the embedding and first
             GRU layer start from its weights (the rest starts fresh). The data module must
             use the tokenizer saved beside it (`--data.tokenizer_path`). Read once, when the
-            first `fit` sets the model up (a resumed run reads it too, before its checkpoint
-            replaces the weights); checkpoints hold the trained weights, so scoring or
-            serving one never needs the file.
+            first `fit` sets the model up (see `encoder_pending`); checkpoints hold the trained
+            weights, so resuming (`gru-nlp fit --ckpt_path`), scoring or serving one never
+            needs the file.
     """
 
     def __init__(
@@ -139,7 +139,9 @@ class LitClassifier(L.LightningModule):
         self.inference_config: dict[str, Any] = {}
         # Per validation batch: (gru_logits, ngram_logits, labels), to fit side_weights on.
         self._validation_sides: list[tuple[Tensor, Tensor, Tensor]] = []
-        self._encoder_copied = False
+        # Whether the next fit starts the encoder from `encoder_path`: once, and not when it resumes
+        # from a checkpoint (which holds the trained weights; `gru-nlp fit --ckpt_path` sets it False).
+        self.encoder_pending = encoder_path is not None
 
     def forward(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
         """(B, T) ids and (B,) lengths -> (B, K) logits."""
@@ -231,7 +233,7 @@ class LitClassifier(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         # Once: a second fit of this module goes on from its trained weights.
-        if stage != "fit" or self.hparams.encoder_path is None or self._encoder_copied:
+        if stage != "fit" or not self.encoder_pending:
             return
         path = self.hparams.encoder_path
         encoder = load_encoder(path)
@@ -241,7 +243,7 @@ class LitClassifier(L.LightningModule):
         else:
             rank_zero_warn(f"no data module with a tokenizer: check that the data was encoded with the tokenizer of {path}")
         copy_encoder(self.model, encoder["weights"], path)
-        self._encoder_copied = True
+        self.encoder_pending = False
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -218,6 +218,9 @@ def test_pretrain_then_fine_tune_with_the_gru_nlp_command(tmp_path):
     checkpoint = next((tmp_path / "run").rglob("last.ckpt"))
     prediction = TextClassifier.from_checkpoint(checkpoint, device="cpu").predict("a wonderful film")
     assert prediction.label in ("neg", "pos")
+    # Nor does resuming the fit: the checkpoint replaces the weights the encoder started.
+    resumed = _run(*fit, "--data.tokenizer_path", str(pretrained / "tokenizer.json"), "--ckpt_path", str(checkpoint), "--trainer.max_epochs", "2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
 def test_pretraining_names_a_split_the_data_does_not_have(tmp_path):

@@ -76,10 +76,44 @@ def test_sigterm_saves_last_exits_143_and_ckpt_path_last_resumes(tmp_path, capsy
 
     cli = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
     assert cli.trainer.global_step == 2 * STEPS_PER_EPOCH
-    # The resumed run writes a new version folder; the interrupted one keeps its last.ckpt.
-    resumed = torch.load(last_checkpoints(tmp_path)[-1], weights_only=False)
-    assert resumed["global_step"] == 2 * STEPS_PER_EPOCH
-    assert torch.load(saved, weights_only=False)["global_step"] == 8
+    # The resumed run logs in a new version folder and goes on writing its checkpoints beside the
+    # interrupted run's (as its best-so-far needs): last.ckpt is now the resumed run's last state.
+    assert last_checkpoints(tmp_path) == [saved]
+    assert torch.load(saved, weights_only=False)["global_step"] == 2 * STEPS_PER_EPOCH
+
+
+def test_a_resumed_run_keeps_the_best_checkpoint_of_the_epochs_before_the_stop(tmp_path):
+    highest_loss = ["--checkpoint.monitor", "val/loss", "--checkpoint.mode", "max"]  # the loss falls: epoch 0 stays best
+    first = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1", *highest_loss)).trainer.checkpoint_callback
+    (last,) = last_checkpoints(tmp_path)
+    resumed = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "3", *highest_loss, "--ckpt_path", str(last))).trainer
+    assert resumed.callback_metrics["val/loss"] < first.best_model_score  # a later epoch, worse by this monitor
+    assert resumed.checkpoint_callback.best_model_path == first.best_model_path
+    assert resumed.checkpoint_callback.best_model_score == first.best_model_score
+
+
+def test_resuming_with_other_model_settings_is_refused_naming_them(tmp_path, capsys):
+    run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
+    (last,) = last_checkpoints(tmp_path)
+    with pytest.raises(SystemExit) as refused:
+        run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "2", "--model.lr", "0.05", "--ckpt_path", str(last)))
+    assert refused.value.code == 2
+    assert "this command sets model.lr 0.05 (trained with 0.01)" in capsys.readouterr().err
+    # Model settings left at their defaults (no tiny.yaml) are the checkpoint's, as LightningCLI reads them.
+    tiny_data = ["--data.vocab_size", "300", "--data.min_frequency", "1", "--data.batch_size", "16", "--data.val_size", "0.2"]
+    without_config = [arg for arg in tiny_args(tmp_path, "--trainer.max_epochs", "2") if arg != "--config" and not arg.endswith(".yaml")]
+    resumed = run_cli([*without_config, *tiny_data, "--trainer.accelerator", "cpu", "--ckpt_path", str(last)])
+    assert resumed.model.hparams.hidden_size == 16 and resumed.trainer.global_step == 2 * STEPS_PER_EPOCH
+
+
+def test_scoring_a_checkpoint_validates_on_the_rows_its_fit_held_out(tmp_path):
+    fit = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
+    best = fit.trainer.checkpoint_callback.best_model_path
+
+    def validate(*extra: str) -> float:
+        return run_cli(["validate", *tiny_args(tmp_path, "--ckpt_path", best, *extra)[1:]]).trainer.callback_metrics["val/loss"].item()
+
+    assert validate("--data.seed", "1", "--data.val_size", "0.5", "--data.val_carve", "tail") == validate()
 
 
 def test_a_seeded_cpu_run_is_deterministic_given_its_tokenizer(tmp_path):
