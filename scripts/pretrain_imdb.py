@@ -58,8 +58,10 @@ def main() -> None:
     for name in ("vocab_size", "max_length", "embedding_dim", "hidden_size", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.epochs <= 0:
-        parser.error("--epochs must be above 0")
+    if args.epochs <= 0 or args.lr <= 0:
+        parser.error("--epochs and --lr must be above 0")
+    if args.max_length < 2:
+        parser.error("--max-length must be at least 2: a language model predicts each token from the others")
     start = time.perf_counter()
     L.seed_everything(args.seed, verbose=False)
 
@@ -78,12 +80,13 @@ def main() -> None:
     ids = encode(tokenizer, texts, args.max_length, "head")
     held_out = max(1, min(500, len(ids) // 100))
     train_ids, val_ids = ids[:-held_out], ids[-held_out:]
+    if max(map(len, train_ids), default=0) < 2:
+        sys.exit(f"pretrain_imdb: every training text of {args.data} is one token or none: there is nothing to predict")
     print(f"{len(texts):,} texts ({held_out:,} held out), {sum(map(len, ids)):,} tokens, {(time.perf_counter() - start) / 60:.1f} min", flush=True)
 
     lit = LitLanguageModel(tokenizer.get_vocab_size(), args.embedding_dim, args.hidden_size, PAD_ID, lr=args.lr)
     counts = torch.bincount(torch.cat([torch.tensor(text) for text in train_ids]), minlength=tokenizer.get_vocab_size())
     lit.model.set_token_counts(counts)
-    save_tokenizer(tokenizer, out / "tokenizer.json")
 
     def loader(sequences: list[list[int]], shuffle: bool) -> DataLoader:
         examples = [{"input_ids": sequence} for sequence in sequences]
@@ -91,11 +94,13 @@ def main() -> None:
         return DataLoader(examples, batch_sampler=sampler, collate_fn=collate)
 
     class SaveEncoder(L.Callback):
-        """After every validation: print the loss and save the encoder, so a stopped run keeps its latest."""
+        """After every validation: print the loss and save the encoder with its tokenizer, so a stopped
+        run keeps its latest pair (and a run that fails before its first validation, an earlier run's)."""
 
         def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             if not trainer.sanity_checking:
                 save_encoder(lit.model, tokenizer.to_str(), out / "encoder.pt")
+                save_tokenizer(tokenizer, out / "tokenizer.json")
                 val_loss = float(trainer.callback_metrics["val/loss"])
                 minutes = (time.perf_counter() - start) / 60
                 print(f"step {trainer.global_step}: val/loss {val_loss:.4f}, {minutes:.1f} min", flush=True)

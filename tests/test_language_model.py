@@ -223,6 +223,15 @@ def test_pretrain_then_fine_tune_with_the_gru_nlp_command(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
+@pytest.mark.parametrize("arguments", [["--lr", "-1"], ["--max-length", "1"]])
+def test_pretraining_refuses_bad_arguments_before_touching_its_output(tmp_path, arguments):
+    (tmp_path / "tokenizer.json").write_text("an earlier run's")
+    result = _run("scripts/pretrain_imdb.py", "--data", str(REPO / "tests/fixtures/tiny"), "--out", str(tmp_path), *arguments)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "pretrain_imdb.py: error: --" in result.stderr.strip().splitlines()[-1]
+    assert (tmp_path / "tokenizer.json").read_text() == "an earlier run's"
+
+
 def test_pretraining_names_a_split_the_data_does_not_have(tmp_path):
     result = _run("scripts/pretrain_imdb.py", "--data", str(REPO / "tests/fixtures/tiny"), "--splits", "unsup", "--out", str(tmp_path))
     assert result.returncode == 1
