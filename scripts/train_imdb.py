@@ -14,10 +14,10 @@ included). The test set is only scored after training: it never steers the run.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
-from pathlib import Path
 
 START = time.perf_counter()
 
@@ -26,35 +26,38 @@ import torch  # noqa: E402
 from torchmetrics.functional.classification import multiclass_f1_score  # noqa: E402
 
 from gru_nlp.callbacks import OutputFolderError  # noqa: E402
-from gru_nlp.checkpoint import CheckpointError  # noqa: E402
+from gru_nlp.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from gru_nlp.data import DataError  # noqa: E402
 from gru_nlp.language_model import EncoderError  # noqa: E402
 from gru_nlp.lightning_cli import run_cli  # noqa: E402
 from gru_nlp.lit import LitClassifier  # noqa: E402
+from gru_nlp.model import SettingError  # noqa: E402
 
 
-class EpochLog(L.Callback):
-    """Remembers each epoch's validation metrics and the wall time, from the script's start, of its checkpoint."""
+class ValidationLog(L.Callback):
+    """Each validation's metrics and wall time (minutes from the script's start), by optimizer step:
+    a checkpoint saved then has the same `global_step`, however many validations an epoch has."""
 
     def __init__(self) -> None:
-        self.minutes: dict[int, float] = {}
-        self.val: dict[int, dict[str, float]] = {}
+        self.by_step: dict[int, dict[str, float]] = {}
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             metrics = trainer.callback_metrics
-            self.val[trainer.current_epoch] = {name: float(metrics[name]) for name in ("val/acc", "val/loss")}
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.minutes[trainer.current_epoch] = (time.perf_counter() - START) / 60
+            self.by_step[trainer.global_step] = {name: float(metrics[name]) for name in ("val/acc", "val/loss")}
+            self.by_step[trainer.global_step]["minutes"] = (time.perf_counter() - START) / 60
 
 
 def main(argv: list[str]) -> None:
-    epochs = EpochLog()
-    cli = run_cli(["--config", "configs/imdb.yaml", "--checkpoint.save_top_k", "-1", *argv], extra_callbacks=[epochs], run=False)
+    validations = ValidationLog()
+    cli = run_cli(
+        ["--config", "configs/imdb.yaml", "--checkpoint.save_top_k", "-1", *argv], extra_callbacks=[validations], run=False
+    )
+    if cli.datamodule.hparams.test_split is None:
+        sys.exit("train_imdb: error: this script scores the test split after training: set --data.test_split")
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    except (OutputFolderError, CheckpointError, DataError, EncoderError) as err:  # as the gru-nlp command reports them
+    except (OutputFolderError, CheckpointError, DataError, EncoderError, SettingError) as err:  # as gru-nlp reports them
         print(f"train_imdb: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     fit_minutes = (time.perf_counter() - START) / 60
@@ -63,14 +66,18 @@ def main(argv: list[str]) -> None:
 
     if not cli.trainer.is_global_zero:
         return  # other DDP processes are done; the test set is scored once, in one process
+    if not checkpoint.best_k_models:
+        sys.exit("train_imdb: no checkpoint was saved (no validation ran), so there is nothing to score")
 
-    # Score each epoch's checkpoint on every test example exactly once: a plain loop over the
-    # test loader, in this one process.
+    # Score each checkpoint on every test example exactly once: a plain loop over the test
+    # loader, in this one process.
     torch.set_num_threads(os.cpu_count() or 1)
     data = cli.datamodule
     data.setup("test")
     rows = []
-    for path in sorted(checkpoint.best_k_models, key=str):
+    for path in checkpoint.best_k_models:
+        saved = load_checkpoint(path)
+        epoch, step = saved["epoch"], saved["global_step"]
         model = LitClassifier.load_from_checkpoint(path, map_location="cpu").eval()
         predictions, labels = [], []
         with torch.inference_mode():
@@ -80,24 +87,18 @@ def main(argv: list[str]) -> None:
         predictions, labels = torch.cat(predictions), torch.cat(labels)
         test_acc = (predictions == labels).float().mean().item()
         test_f1 = multiclass_f1_score(predictions, labels, model.hparams.num_classes, average="macro").item()
-        epoch = _epoch_of(path)
-        val = epochs.val[epoch]
-        rows.append((epoch, epochs.minutes.get(epoch, float("nan")), val["val/acc"], val["val/loss"], test_acc, test_f1))
-        print(f"scored epoch {epoch} on {len(labels)} test examples: acc {test_acc:.4f}", flush=True)
-    print(f"\n{'epoch':>5} {'minutes':>8} {'val/acc':>8} {'val/loss':>9} {'test/acc':>9} {'test/f1':>8}")
-    for epoch, minutes, val_acc, val_loss, test_acc, test_f1 in rows:
-        print(f"{epoch:>5} {minutes:>8.1f} {val_acc:>8.4f} {val_loss:>9.6f} {test_acc:>9.4f} {test_f1:>8.4f}")
-    best_epoch = _epoch_of(checkpoint.best_model_path)
-    (best,) = [row for row in rows if row[0] == best_epoch]
+        val = validations.by_step.get(step, {})
+        rows.append((step, epoch, val.get("minutes", math.nan), val.get("val/acc", math.nan), val.get("val/loss", math.nan), test_acc, test_f1, path))
+        print(f"scored epoch {epoch} (step {step}) on {len(labels)} test examples: acc {test_acc:.4f}", flush=True)
+    rows.sort()
+    print(f"\n{'epoch':>5} {'step':>6} {'minutes':>8} {'val/acc':>8} {'val/loss':>9} {'test/acc':>9} {'test/f1':>8}")
+    for step, epoch, minutes, val_acc, val_loss, test_acc, test_f1, _ in rows:
+        print(f"{epoch:>5} {step:>6} {minutes:>8.1f} {val_acc:>8.4f} {val_loss:>9.6f} {test_acc:>9.4f} {test_f1:>8.4f}")
+    (best,) = [row for row in rows if row[-1] == checkpoint.best_model_path]
     print(
-        f"\nbest by {checkpoint.monitor}: epoch {best_epoch}: test/acc {best[4]:.4f} (test/f1 {best[5]:.4f}), "
+        f"\nbest by {checkpoint.monitor}: epoch {best[1]} (step {best[0]}): test/acc {best[5]:.4f} (test/f1 {best[6]:.4f}), "
         f"fit {fit_minutes:.1f} min"
     )
-
-
-def _epoch_of(checkpoint_path: str) -> int:
-    """The epoch of a checkpoint named by `checkpoint.filename` (``epoch03-...``)."""
-    return int(Path(checkpoint_path).name.removeprefix("epoch")[:2])
 
 
 if __name__ == "__main__":

@@ -79,17 +79,18 @@ def test_ddp_on_two_cpu_processes_writes_a_loadable_checkpoint(tmp_path):
     torch.testing.assert_close(sum(prediction.probs.values()), 1.0, rtol=0, atol=1e-5)
 
 
-def test_train_imdb_script_scores_every_epoch_and_names_its_pick(tmp_path):
+def test_train_imdb_script_scores_every_checkpoint_and_names_its_pick(tmp_path):
     command = [
         sys.executable, str(REPO / "scripts/train_imdb.py"), *tiny_args(tmp_path),
-        "--model.ngram_buckets", "4096", "--trainer.max_epochs", "2",
+        "--model.ngram_buckets", "4096", "--trainer.max_epochs", "2", "--trainer.val_check_interval", "0.5",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    header = lines.index(next(line for line in lines if line.split()[:1] == ["epoch"] and "test/acc" in line))
-    table = [line.split() for line in lines[header + 1 : header + 3]]
-    assert [row[0] for row in table] == ["0", "1"]
-    losses = {row[0]: float(row[3]) for row in table}
-    (picked,) = re.findall(r"best by val/loss: epoch (\d+): test/acc", result.stdout)
+    header = lines.index(next(line for line in lines if line.split()[:2] == ["epoch", "step"] and "test/acc" in line))
+    table = [line.split() for line in lines[header + 1 : header + 5]]  # two validations, so two checkpoints, per epoch
+    assert [row[0] for row in table] == ["0", "0", "1", "1"]
+    assert [int(row[1]) for row in table] == sorted({int(row[1]) for row in table})  # each its own step
+    losses = {row[1]: float(row[4]) for row in table}
+    (picked,) = re.findall(r"best by val/loss: epoch \d+ \(step (\d+)\): test/acc", result.stdout)
     assert losses[picked] == min(losses.values())  # imdb.yaml keeps the lowest val/loss (printed to 6 places)
