@@ -17,7 +17,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from gru_nlp.allocator import keep_freed_memory
 from gru_nlp.callbacks import (
@@ -49,6 +49,8 @@ _SETTINGS_THAT_KEEP_A_RUN = {"cache_dir", "num_workers", "tokenizer_path", "eval
 # Model settings a resumed run may leave out or change: the pretrained encoder only started the
 # weights, which the checkpoint now holds; the rest are linked from the data.
 _MODEL_SETTINGS_A_RESUME_IGNORES = {"encoder_path", "vocab_size", "num_classes", "label_names", "pad_id"}
+# Precisions that cast the weights themselves to 16 bits (Lightning's "-true" plugins).
+_HALF_WEIGHT_PRECISIONS = {"16-true", "bf16-true"}
 # Data settings that decide which training rows a carved validation split holds: scoring a
 # checkpoint with others would validate on rows it trained on.
 _CARVE_SETTINGS = ("train_split", "val_size", "val_carve", "seed")
@@ -144,6 +146,11 @@ class GruNlpCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config  # no subcommand with run=False
+        if str(config.trainer.precision) in _HALF_WEIGHT_PRECISIONS:
+            raise SettingError(
+                f"--trainer.precision {config.trainer.precision} casts the weights to half precision, which the GRU "
+                "does not support; use bf16-mixed (or 16-mixed on a GPU): half-precision compute, fp32 weights"
+            )
         # Fail before the data is loaded and the tokenizer trained (minutes on IMDB), not after.
         if self.subcommand != "fit":
             return
@@ -303,7 +310,8 @@ def run_cli(args: list[str] | None = None, **kwargs) -> GruNlpCLI:
 
     ``args`` are the command-line arguments after the program name; None reads ``sys.argv``.
 
-    Unusable data, output folder, checkpoint, pretrained encoder or model setting exits with status 2 and a one-line message; a SIGTERM during
+    Unusable data, output folder, checkpoint, pretrained encoder, model setting or trainer setting (Lightning's
+    MisconfigurationException: an accelerator this machine lacks) exits with status 2 and a one-line message; a SIGTERM during
     ``fit`` exits with status 143 after `ResumeCheckpoint` saved ``last.ckpt``.
     """
     keep_freed_memory()
@@ -318,7 +326,7 @@ def run_cli(args: list[str] | None = None, **kwargs) -> GruNlpCLI:
             save_config_kwargs={"overwrite": True},
             **kwargs,
         )
-    except (OutputFolderError, CheckpointError, DataError, EncoderError, SettingError) as err:
+    except (OutputFolderError, CheckpointError, DataError, EncoderError, SettingError, MisconfigurationException) as err:
         print(f"gru-nlp: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except SIGTERMException:

@@ -332,6 +332,11 @@ def test_a_tokenizer_path_that_cannot_be_loaded_is_one_line_naming_it(tmp_path, 
         ("--model.class_weights", "[1, 2, 3]", "class_weights has 3 values but num_classes is 2"),
         ("--data.pool_size", "0", "pool_size must be positive, got 0"),
         ("--data.vocab_size", "1", "vocab_size must be at least 2 (the special tokens), got 1"),
+        ("--trainer.precision", "bf16-true", "--trainer.precision bf16-true casts the weights to half precision"),
+        pytest.param(
+            "--trainer.accelerator", "cuda", "`CUDAAccelerator` can not run on your system",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU"),
+        ),  # fmt: skip
     ],
 )
 def test_a_setting_out_of_range_is_one_line_naming_it(tmp_path, capsys, flag, value, message):
