@@ -169,7 +169,9 @@ def load_encoder(path: str | Path) -> dict:
     try:
         encoder = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: pickle, zip and torch errors all mean "not an encoder"
-        raise EncoderError(f"pretrained encoder {path}: not a file written by save_encoder ({type(err).__name__}: {err})") from None
+        # torch's messages run to many lines (advice on weights_only that does not apply here): keep the first.
+        detail = next(iter(str(err).strip().splitlines()), "")
+        raise EncoderError(f"pretrained encoder {path}: not a file written by save_encoder ({type(err).__name__}: {detail})") from None
     if not isinstance(encoder, dict) or encoder.get("format") != ENCODER_FORMAT:
         raise EncoderError(f"pretrained encoder {path}: not a file written by save_encoder (format {ENCODER_FORMAT} expected)")
     weights, tokenizer = encoder.get("weights"), encoder.get("tokenizer")
