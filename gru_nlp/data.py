@@ -399,7 +399,7 @@ class TextDataModule(L.LightningDataModule):
         for role, (dataset, kept, labels) in rows.items():
             split = named[role]
             feature = dataset.features[hp.label_field]
-            split_ids = _split_label_ids(feature, train_feature, label_ids, self._label_names)
+            split_ids = _split_label_ids(labels, feature, train_feature, label_ids, self._label_names)
             _check_labels(labels, kept, split_ids, feature, self._label_names, split, sources[split])
             skipped = len(kept) < len(dataset)
             if skipped:
@@ -845,11 +845,21 @@ def _label_ids(
     return list(names), ids
 
 
-def _split_label_ids(feature: Any, train_feature: Any, label_ids: dict[Any, int], class_names: list[str]) -> dict[Any, int]:
-    """The map from a split's label values to class ids: the training split's, unless the split's
-    labels are a `ClassLabel` of its own, whose ids then find their classes by name (a file
-    saved with `class_encode_column` numbers only the classes it has, in its own order)."""
+def _split_label_ids(
+    labels: list, feature: Any, train_feature: Any, label_ids: dict[Any, int], class_names: list[str]
+) -> dict[Any, int]:
+    """The map from a split's label values to class ids: the training split's, unless
+
+    - the split's labels are a `ClassLabel` of its own, whose ids then find their classes by name
+      (a file saved with `class_encode_column` numbers only the classes it has, in its own order);
+    - they are the training labels written as another type (1 and 2 read from a csv, "1" and "2"
+      from a json file): then they are matched by their text.
+    """
     if not isinstance(feature, ClassLabel) or feature == train_feature:
+        distinct = set(labels)
+        by_text = {str(value): class_id for value, class_id in label_ids.items()}
+        if not distinct <= label_ids.keys() and all(str(label) in by_text for label in distinct):
+            return {label: by_text[str(label)] for label in distinct}
         return label_ids
     if isinstance(train_feature, ClassLabel):
         by_name = {train_feature.names[value]: class_id for value, class_id in label_ids.items()}

@@ -421,6 +421,18 @@ def test_integer_labels_named_by_their_values_keep_their_classes(tmp_path):
         assert [label for _, _, label in examples(dm.test_dataloader())] == ids
 
 
+def test_labels_written_as_another_type_in_another_split_are_matched_by_their_text(tmp_path):
+    def rated(rows: list[dict], kind: type) -> list[dict]:
+        return [{"text": row["text"], "label": kind(2 if row["label"] == "pos" else 1)} for row in rows]
+
+    write(tmp_path / "data" / "train.jsonl", rated(TRAIN, str))  # "1" / "2"
+    write(tmp_path / "data" / "test.csv", rated(TEST, int))  # read back as the integers 1 / 2
+    dm = data_module(tmp_path / "data", tmp_path)
+    dm.setup("test")
+    assert dm.label_names == ["1", "2"]
+    assert [label for _, _, label in examples(dm.test_dataloader())] == [0, 0, 0, 1, 1, 1]
+
+
 def test_label_names_that_repeat_a_class_are_an_error(tmp_path):
     with pytest.raises(DataError, match=r"label_names \['pos', 'neg', 'pos'\] name a class twice: 'pos'"):
         data_module(TINY, tmp_path, label_names=["pos", "neg", "pos"])
