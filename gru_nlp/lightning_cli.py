@@ -133,9 +133,10 @@ class GruNlpCLI(LightningCLI):
         if subcommand == "fit":
             _refuse_other_model_settings(config.model, checkpoint.get("hyper_parameters", {}), ckpt_path)
         elif subcommand in _SCORING_SUBCOMMANDS:
-            # A validation split carved from training must be the one the fit held out.
+            # On the fit's own data, a validation split carved from training must be the one it held out.
             trained_data = checkpoint.get("datamodule_hyper_parameters", {})
-            for setting in _CARVE_SETTINGS:
+            same_data = (trained_data.get("path"), trained_data.get("name")) == (config.data.path, config.data.name)
+            for setting in _CARVE_SETTINGS if same_data else ():
                 trained, configured = trained_data.get(setting), getattr(config.data, setting)
                 if trained is not None and configured != trained:
                     rank_zero_info(
