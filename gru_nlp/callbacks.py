@@ -19,7 +19,6 @@ How Lightning 2.6 behaves, read from its source, and what this module changes:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -36,6 +35,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from gru_nlp.files import atomic_write
 
 # A checkpoint holds the weights and AdamW's two moment estimates, each the size of the weights.
 CHECKPOINT_COPIES_OF_WEIGHTS = 3
@@ -106,15 +107,12 @@ class PredictionWriter(L.Callback):
         path = folder / name
         source = trainer.datamodule.predict_texts() if hasattr(trainer.datamodule, "predict_texts") else None
         labels = pl_module.label_names
-        folder.mkdir(parents=True, exist_ok=True)
-        staged = path.with_name(f".{path.name}.partial")
-        with open(staged, "w", encoding="utf-8") as file:
+        with atomic_write(path) as file:  # a reader never sees half a file
             for index, probs in sorted(self.rows):
                 best = max(range(len(probs)), key=probs.__getitem__)
                 line = {"index": index} if source is None else {"row": source[0][index], "text": source[1][index]}
                 line |= {"label": labels[best], "score": probs[best], "probs": dict(zip(labels, probs, strict=True))}
                 file.write(json.dumps(line, ensure_ascii=False) + "\n")
-        os.replace(staged, path)  # a reader never sees half a file
         print(f"predictions: {path} ({len(self.rows)} texts)")
 
 
@@ -275,18 +273,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                # Without the sync a power cut after the rename can leave an empty file on some file systems.
-                os.fsync(file.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with atomic_write(Path(path), binary=True, sync=True) as file:
+            torch.save(checkpoint, file)
 

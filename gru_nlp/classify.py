@@ -31,13 +31,13 @@ import csv
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import IO
 
 from gru_nlp.api import METHODS, TextClassifier
+from gru_nlp.files import atomic_write
 
 # Texts read and classified together; bounds memory on huge inputs while keeping batches full.
 CHUNK_SIZE = 2048
@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         run(args)
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error
+        # Python would complain again when flushing stdout at exit: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     # CheckpointError, InputError and UnicodeDecodeError are ValueErrors, as are user
     # mistakes such as --quantize with --device cuda; FileNotFoundError is an OSError.
     except (ValueError, OSError, csv.Error) as error:
@@ -101,6 +104,10 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("give texts as arguments or --input, not both")
     if args.input is not None and not args.input.is_file():
         raise FileNotFoundError(f"input file not found: {args.input}")
+    if args.output is not None and args.output.is_dir():
+        raise ValueError(f"--output {args.output} is a folder: name the file to write")
+    if args.output is not None and args.input is not None and args.output.resolve() == args.input.resolve():
+        raise ValueError(f"--output {args.output} is the --input file: the predictions would replace the texts")
     reads_columns = not args.texts and args.input is not None and args.input.suffix.lower() in COLUMN_SUFFIXES
     if args.text_field is not None and not reads_columns:
         if args.texts:
@@ -122,16 +129,8 @@ def run(args: argparse.Namespace) -> None:
     if args.output is None:
         write_lines(classifier, texts, sys.stdout, args, show_progress)
         return
-    # Write beside the target and rename, so a crash never leaves half a file under its name.
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.output.parent, prefix=f".{args.output.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            write_lines(classifier, texts, out, args, show_progress)
-        os.replace(tmp, args.output)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(args.output) as out:  # a failure never leaves half a file under its name
+        write_lines(classifier, texts, out, args, show_progress)
 
 
 def write_lines(

@@ -49,6 +49,24 @@ def test_texts_from_stdin_keep_blank_lines(tiny_checkpoint, capsys, monkeypatch)
     assert records[1]["empty"] is True and "empty" not in records[0]
 
 
+def test_an_output_that_is_the_input_or_a_folder_is_refused_before_any_work(tiny_checkpoint, capsys, tmp_path):
+    source = _write(tmp_path / "texts.txt", "a bad film\ngood\n")
+    for output, message in ((source, "is the --input file"), (tmp_path, "is a folder")):
+        code, printed, err = run(capsys, ["--ckpt", str(tiny_checkpoint), "--input", str(source), "--output", str(output)])
+        assert code == 2 and printed == [] and message in err
+    assert source.read_text() == "a bad film\ngood\n"
+
+
+def test_a_reader_that_stops_early_is_not_an_error(tiny_checkpoint):
+    reader = subprocess.Popen(
+        [sys.executable, "-m", "gru_nlp.cli", "classify", "--ckpt", str(tiny_checkpoint)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    reader.stdout.close()  # as `| head -0` does
+    _, err = reader.communicate("a bad film\n" * 5000, timeout=120)
+    assert reader.returncode == 0 and "Broken pipe" not in err, err
+
+
 def test_a_tsv_file_has_no_quoting(tiny_checkpoint, capsys, tmp_path):
     # As in GLUE's files: a quote is part of the text, and a lone one does not swallow the next rows.
     source = _write(tmp_path / "quoted.tsv", 'text\tid\n"Great" fun.\t1\n"Awful.\t2\nA mess.\t3\n')
