@@ -131,11 +131,11 @@ class GruNlpCLI(LightningCLI):
                 rank_zero_info(f"Using the checkpoint's data.{setting} {trained!r}, not {configured!r}: it was trained with it")
                 setattr(config.data, setting, trained)
         if subcommand == "fit":
-            _refuse_other_model_settings(config.model, checkpoint.get("hyper_parameters", {}), ckpt_path)
+            _check_resumed_model_settings(config.model, checkpoint.get("hyper_parameters", {}), ckpt_path)
         elif subcommand in _SCORING_SUBCOMMANDS:
             # On the fit's own data, a validation split carved from training must be the one it held out.
             trained_data = checkpoint.get("datamodule_hyper_parameters", {})
-            same_data = (trained_data.get("path"), trained_data.get("name")) == (config.data.path, config.data.name)
+            same_data = _same_source(trained_data.get("path"), config.data.path) and trained_data.get("name") == config.data.name
             for setting in _CARVE_SETTINGS if same_data else ():
                 trained, configured = trained_data.get(setting), getattr(config.data, setting)
                 if trained is not None and configured != trained:
@@ -185,13 +185,16 @@ class GruNlpCLI(LightningCLI):
 
         A ModelCheckpoint restores its best-so-far (score, path, top k) only into the folder it
         saved them from; in this run's new version_N folder it would start afresh and call the
-        first epoch after the resume the best, however much worse than an earlier one.
+        first epoch after the resume the best, however much worse than an earlier one. (A run
+        moved to another folder since has that problem still; Lightning warns of it.)
         """
         states = load_checkpoint(ckpt_path).get("callbacks", {})
+        here = Path(ckpt_path).resolve().parent
         for callback in self.trainer.checkpoint_callbacks:
-            state = states.get(callback.state_key) or {}
-            if callback.dirpath is None and state.get("dirpath"):
-                callback.dirpath = state["dirpath"]
+            recorded = (states.get(callback.state_key) or {}).get("dirpath")
+            # Only the folder the checkpoint is in: a run moved since keeps to its new folders.
+            if callback.dirpath is None and recorded and Path(recorded).resolve() == here:
+                callback.dirpath = recorded  # as recorded: Lightning compares the strings
 
     def after_fit(self) -> None:
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
@@ -254,21 +257,36 @@ class GruNlpCLI(LightningCLI):
         return None
 
 
-def _refuse_other_model_settings(configured: Any, trained: dict, ckpt_path: str) -> None:
+def _check_resumed_model_settings(configured: Any, trained: dict, ckpt_path: str) -> None:
     """A resumed fit keeps its checkpoint's model settings (LightningCLI puts them in the config):
     refuse a setting given another value, rather than drop it unsaid. A setting at its default
-    counts as not given, so resuming without the fit's --config works."""
+    may just not have been given (resuming without the fit's --config): a line names those."""
     defaults = {name: parameter.default for name, parameter in inspect.signature(LitClassifier).parameters.items()}
+    names = [name for name in sorted(trained.keys() - _MODEL_SETTINGS_A_RESUME_IGNORES) if name in configured]
+    at_default = [name for name in names if configured[name] != trained[name] and configured[name] == defaults.get(name)]
+    if at_default:
+        kept = ", ".join(f"{name} {trained[name]!r}" for name in at_default)
+        rank_zero_info(f"Resuming with the checkpoint's model settings, not the defaults: {kept}")
     changed = [
         f"model.{name} {configured[name]!r} (trained with {trained[name]!r})"
-        for name in sorted(trained.keys() - _MODEL_SETTINGS_A_RESUME_IGNORES)
-        if name in configured and configured[name] not in (trained[name], defaults.get(name))
+        for name in names
+        if configured[name] not in (trained[name], defaults.get(name))
     ]
     if changed:
         raise CheckpointError(
             f"--ckpt_path {ckpt_path}: resuming keeps the checkpoint's model settings, but this command sets "
             f"{', '.join(changed)}; leave them out to resume, or leave out --ckpt_path to start a new run"
         )
+
+
+def _same_source(first: str | None, second: str | None) -> bool:
+    """Whether two `data.path` values name the same data: the same local file or folder, or the same Hub id."""
+    if first is None or second is None:
+        return first == second
+    local = Path(first).expanduser(), Path(second).expanduser()
+    if all(path.exists() for path in local):
+        return local[0].resolve() == local[1].resolve()
+    return first == second
 
 
 def _run_settings(model_hparams: dict, data_hparams: dict, seed: Any) -> dict[str, Any]:

@@ -92,7 +92,16 @@ def test_a_resumed_run_keeps_the_best_checkpoint_of_the_epochs_before_the_stop(t
     assert resumed.checkpoint_callback.best_model_score == first.best_model_score
 
 
-def test_resuming_with_other_model_settings_is_refused_naming_them(tmp_path, capsys):
+def test_a_resumed_run_that_was_moved_writes_in_its_new_folder(tmp_path):
+    run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
+    (tmp_path / "run").rename(tmp_path / "moved")
+    (last,) = (tmp_path / "moved").rglob("last.ckpt")
+    resumed = run_cli([*tiny_args(tmp_path, "--trainer.max_epochs", "2", "--ckpt_path", str(last)), "--trainer.default_root_dir", str(tmp_path / "moved")])
+    assert Path(resumed.trainer.checkpoint_callback.best_model_path).is_file()
+    assert not (tmp_path / "run").exists()  # nothing written where the run was before it moved
+
+
+def test_resuming_with_other_model_settings_is_refused_naming_them(tmp_path, capsys, caplog):
     run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
     (last,) = last_checkpoints(tmp_path)
     with pytest.raises(SystemExit) as refused:
@@ -102,8 +111,10 @@ def test_resuming_with_other_model_settings_is_refused_naming_them(tmp_path, cap
     # Model settings left at their defaults (no tiny.yaml) are the checkpoint's, as LightningCLI reads them.
     tiny_data = ["--data.vocab_size", "300", "--data.min_frequency", "1", "--data.batch_size", "16", "--data.val_size", "0.2"]
     without_config = [arg for arg in tiny_args(tmp_path, "--trainer.max_epochs", "2") if arg != "--config" and not arg.endswith(".yaml")]
-    resumed = run_cli([*without_config, *tiny_data, "--trainer.accelerator", "cpu", "--ckpt_path", str(last)])
+    with caplog.at_level("INFO"):
+        resumed = run_cli([*without_config, *tiny_data, "--trainer.accelerator", "cpu", "--ckpt_path", str(last)])
     assert resumed.model.hparams.hidden_size == 16 and resumed.trainer.global_step == 2 * STEPS_PER_EPOCH
+    assert "Resuming with the checkpoint's model settings, not the defaults: " in caplog.text and "hidden_size 16" in caplog.text
 
 
 def test_scoring_a_checkpoint_validates_on_the_rows_its_fit_held_out(tmp_path):
@@ -114,6 +125,8 @@ def test_scoring_a_checkpoint_validates_on_the_rows_its_fit_held_out(tmp_path):
         return run_cli(["validate", *tiny_args(tmp_path, "--ckpt_path", best, *extra)[1:]]).trainer.callback_metrics["val/loss"].item()
 
     assert validate("--data.seed", "1", "--data.val_size", "0.5", "--data.val_carve", "tail") == validate()
+    same_folder = str(REPO / "tests" / "fixtures" / ".." / "fixtures" / "tiny")  # spelled another way
+    assert validate("--data.path", same_folder, "--data.seed", "1") == validate()
 
 
 def test_a_seeded_cpu_run_is_deterministic_given_its_tokenizer(tmp_path):
