@@ -75,10 +75,11 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict:
     train_rows = rng.sample(range(len(train["text"])), args.reviews)
     test_rows = rng.sample(range(len(test["text"])), args.inference_reviews)
     tokenizer = train_tokenizer((train["text"][i] for i in train_rows), vocab_size=args.vocab_size)
+    classes = sorted({train["label"][i] for i in train_rows})  # ids for string labels too ("neg", "pos")
     encoded = {
         "vocab_size": tokenizer.get_vocab_size(),
         "train_ids": encode(tokenizer, [train["text"][i] for i in train_rows], args.max_length, "head"),
-        "train_labels": [train["label"][i] for i in train_rows],
+        "train_labels": [classes.index(train["label"][i]) for i in train_rows],
         "test_ids": encode(tokenizer, [test["text"][i] for i in test_rows], args.max_length, "head"),
     }
     torch.save(encoded, workdir / "encoded.pt")
@@ -143,13 +144,14 @@ def run_shipped(args: argparse.Namespace, encoded: dict, variant: str) -> dict |
     class Throughput(L.Callback):
         """Times the training steps after the warm-up, counting real tokens."""
 
-        real_tokens, positions, elapsed = 0, 0, 0.0
+        real_tokens, positions, elapsed, batches = 0, 0, 0.0, 0
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx >= args.warmup:
+            self.batches += 1  # over all epochs: batch_idx restarts at 0 in each
+            if self.batches > args.warmup:
                 self.elapsed += time.perf_counter() - self.start
                 self.real_tokens += int(batch["lengths"].sum())
                 self.positions += batch["input_ids"].numel()
