@@ -49,6 +49,8 @@ _SETTINGS_THAT_KEEP_A_RUN = {"cache_dir", "num_workers", "tokenizer_path", "eval
 # Model settings a resumed run may leave out or change: the pretrained encoder only started the
 # weights, which the checkpoint now holds; the rest are linked from the data.
 _MODEL_SETTINGS_A_RESUME_IGNORES = {"encoder_path", "vocab_size", "num_classes", "label_names", "pad_id"}
+# What unusable data, folders, checkpoints, encoders or settings raise: one line each, not a traceback.
+USER_ERRORS = (OutputFolderError, CheckpointError, DataError, EncoderError, SettingError, MisconfigurationException)
 # Precisions that cast the weights themselves to 16 bits (Lightning's "-true" plugins).
 _HALF_WEIGHT_PRECISIONS = {"16-true", "bf16-true"}
 # Data settings that decide which training rows a carved validation split holds: scoring a
@@ -345,7 +347,7 @@ def run_cli(args: list[str] | None = None, **kwargs) -> GruNlpCLI:
             save_config_kwargs={"overwrite": True},
             **kwargs,
         )
-    except (OutputFolderError, CheckpointError, DataError, EncoderError, SettingError, MisconfigurationException) as err:
+    except USER_ERRORS as err:
         print(f"gru-nlp: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except SIGTERMException:

@@ -25,13 +25,10 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from torchmetrics.functional.classification import multiclass_f1_score  # noqa: E402
 
-from gru_nlp.callbacks import OutputFolderError  # noqa: E402
-from gru_nlp.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from gru_nlp.checkpoint import load_checkpoint  # noqa: E402
 from gru_nlp.data import DataError  # noqa: E402
-from gru_nlp.language_model import EncoderError  # noqa: E402
-from gru_nlp.lightning_cli import run_cli  # noqa: E402
+from gru_nlp.lightning_cli import USER_ERRORS, run_cli  # noqa: E402
 from gru_nlp.lit import LitClassifier  # noqa: E402
-from gru_nlp.model import SettingError  # noqa: E402
 
 
 class ValidationLog(L.Callback):
@@ -53,11 +50,11 @@ def main(argv: list[str]) -> None:
     cli = run_cli(
         ["--config", "configs/imdb.yaml", "--checkpoint.save_top_k", "-1", *argv], extra_callbacks=[validations], run=False
     )
-    if cli.datamodule.hparams.test_split is None:
-        sys.exit("train_imdb: error: this script scores the test split after training: set --data.test_split")
     try:
+        if cli.datamodule.hparams.test_split is None:
+            raise DataError("this script scores the test split after training: set --data.test_split")
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    except (OutputFolderError, CheckpointError, DataError, EncoderError, SettingError) as err:  # as gru-nlp reports them
+    except USER_ERRORS as err:  # as the gru-nlp command reports them
         print(f"train_imdb: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     fit_minutes = (time.perf_counter() - START) / 60

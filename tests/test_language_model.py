@@ -255,6 +255,16 @@ def test_train_imdb_reports_a_missing_encoder_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == f"train_imdb: error: pretrained encoder {missing}: no such file"
 
 
+def test_train_imdb_without_a_test_split_stops_before_training(tmp_path):
+    result = _run(
+        "scripts/train_imdb.py", "--config", "configs/tiny.yaml", "--data.path", str(REPO / "tests/fixtures/tiny"),
+        "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--data.test_split", "null",
+    )  # fmt: skip
+    assert result.returncode == 2 and not (tmp_path / "run" / "lightning_logs").exists()
+    assert result.stderr.strip().splitlines()[-1] == "train_imdb: error: this script scores the test split after training: set --data.test_split"
+
+
 def test_load_texts_names_a_missing_text_column_and_its_split(tmp_path):
     from gru_nlp.data import DataError, load_texts
 
