@@ -856,7 +856,7 @@ def _split_label_ids(
       from a json file): then they are matched by their text.
     """
     if not isinstance(feature, ClassLabel) or feature == train_feature:
-        distinct = set(labels)
+        distinct = {label for label in labels if isinstance(label, str | int | float)}  # a JSON list is no label
         by_text = {str(value): class_id for value, class_id in label_ids.items()}
         if not distinct <= label_ids.keys() and all(str(label) in by_text for label in distinct):
             return {label: by_text[str(label)] for label in distinct}
@@ -872,7 +872,7 @@ def _check_labels(
     labels: list, rows: list[int], label_ids: dict[Any, int], feature: Any, class_names: list[str], split: str, source: str
 ) -> None:
     for row, label in zip(rows, labels, strict=True):
-        if label not in label_ids:
+        if not isinstance(label, str | int | float) or label not in label_ids:
             named = isinstance(feature, ClassLabel) and isinstance(label, int) and 0 <= label < feature.num_classes
             shown = f"{label!r} ({feature.names[label]!r})" if named else repr(label)
             values = list(label_ids)

@@ -433,6 +433,13 @@ def test_labels_written_as_another_type_in_another_split_are_matched_by_their_te
     assert [label for _, _, label in examples(dm.test_dataloader())] == [0, 0, 0, 1, 1, 1]
 
 
+def test_a_label_that_is_a_json_list_is_an_error_naming_it(tmp_path):
+    write(tmp_path / "data" / "train.jsonl", TRAIN)
+    write(tmp_path / "data" / "test.jsonl", TEST[:3] + [dict(TEST[3], label=["pos"])])
+    with pytest.raises(DataError, match=r"label \['pos'\] at row 3 of split 'test' .* is not one of the classes \['neg', 'pos'\]"):
+        data_module(tmp_path / "data", tmp_path).num_classes
+
+
 def test_label_names_that_repeat_a_class_are_an_error(tmp_path):
     with pytest.raises(DataError, match=r"label_names \['pos', 'neg', 'pos'\] name a class twice: 'pos'"):
         data_module(TINY, tmp_path, label_names=["pos", "neg", "pos"])
