@@ -280,7 +280,7 @@ class TextClassifier:
         """
         labels = list(labels)
         # Booleans are integers here, as training reads them (False and True: ids 0 and 1).
-        numbers = all(isinstance(label, int | float | np.integer | np.floating) and float(label).is_integer() for label in labels)
+        numbers = all(isinstance(label, int | float | np.integer | np.floating | np.bool_) and float(label).is_integer() for label in labels)
         if numbers:
             labels = [int(label) for label in labels]
             lookup = integer_label_ids(labels, self.labels)

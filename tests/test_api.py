@@ -199,7 +199,7 @@ def test_class_ids_read_gold_labels_as_training_does(classifier):
     assert classifier.labels == ["neg", "neu", "pos"]
     assert classifier.class_ids(["pos", "neg", "neu"]).tolist() == [2, 0, 1]
     assert classifier.class_ids([2, 0, 1.0, np.int64(1)]).tolist() == [2, 0, 1, 1]  # integers are ids
-    assert classifier.class_ids([True, False]).tolist() == [1, 0]  # as training reads booleans
+    assert classifier.class_ids([True, False]).tolist() == classifier.class_ids(np.array([True, False])).tolist() == [1, 0]  # as training reads booleans
     with pytest.raises(ValueError, match=r"label 'great' at position 1 is not one of the model's classes"):
         classifier.class_ids(["pos", "great"])
     with pytest.raises(ValueError, match="label 3 at position 0"):
