@@ -20,12 +20,26 @@ def atomic_write(path: Path, binary: bool = False, sync: bool = False) -> Iterat
     The file gets the permissions `path` has, or else those `open` would give a new file
     (`tempfile.mkstemp` makes it readable by its owner only). `sync` flushes it to disk
     before the rename, so that a power cut cannot leave an empty file under the name.
+
+    As with `open`, a symbolic link is written through (its target gets the new content), and a
+    `path` that is not a regular file (``/dev/stdout``, a named pipe, ``/dev/null``) is written
+    to directly: renaming over it would replace the device or pipe with a file.
     """
+    path = Path(path)
+    mode, encoding = ("wb", {}) if binary else ("w", {"encoding": "utf-8"})
+    if _is_special(path):
+        with open(path, mode, **encoding) as file:
+            yield file
+        return
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:  # named after the file asked for, not the temporary one
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror}") from None
     try:
         os.chmod(tmp, _permissions_for(path))
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as file:
+        with os.fdopen(fd, mode, **encoding) as file:
             yield file
             if sync:
                 file.flush()
@@ -35,6 +49,14 @@ def atomic_write(path: Path, binary: bool = False, sync: bool = False) -> Iterat
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _is_special(path: Path) -> bool:
+    """Whether `path` exists (following links) and is something other than a regular file."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _permissions_for(path: Path) -> int:

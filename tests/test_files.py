@@ -34,3 +34,35 @@ def test_a_failed_write_keeps_the_old_content_and_leaves_no_temporary_file(tmp_p
             file.write("half of the new")
             raise RuntimeError("killed mid-write")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_a_symbolic_link_is_written_through_to_its_target(tmp_path):
+    target = tmp_path / "real.jsonl"
+    target.write_text("old")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    with atomic_write(link) as file:
+        file.write("new")
+    assert link.is_symlink() and target.read_text() == "new"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_a_named_pipe_is_written_to_not_replaced_by_a_file(tmp_path):
+    import threading
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_text()), daemon=True)
+    reader.start()
+    with atomic_write(pipe) as file:
+        file.write("through the pipe")
+    reader.join(timeout=10)
+    assert received == ["through the pipe"] and stat.S_ISFIFO(os.stat(pipe).st_mode)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="Linux /proc, where no file can be created")
+def test_a_folder_that_takes_no_new_files_is_named_in_the_error_not_the_temporary_file():
+    with pytest.raises(OSError, match=r"^\[Errno \d+\] cannot write /proc/out.jsonl: "):
+        with atomic_write("/proc/out.jsonl") as file:
+            file.write("never")
