@@ -35,7 +35,7 @@ import re
 import sys
 import unicodedata
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, overload
@@ -278,6 +278,8 @@ class TextClassifier:
         Raises:
             ValueError: a label that is not one of this model's classes, named with its position.
         """
+        if isinstance(labels, (str, bytes)):
+            raise TypeError(f"labels must be a list of labels, got one {type(labels).__name__}: {labels!r:.40}")
         labels = list(labels)
         # Booleans are integers here, as training reads them (False and True: ids 0 and 1).
         numbers = all(isinstance(label, int | float | np.integer | np.floating | np.bool_) and float(label).is_integer() for label in labels)
@@ -382,8 +384,17 @@ class TextClassifier:
         )
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
-        if not all(isinstance(text, str) for text in texts):
-            raise TypeError("texts must be strings")
+        for position, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts must be strings, got {type(text).__name__} at position {position}: {text!r:.40}")
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as error:  # a lone surrogate: bytes that were not UTF-8, decoded leniently
+                    raise ValueError(
+                        f"text at position {position} is not valid Unicode ({error.reason} {text[error.start]!r} at "
+                        f"character {error.start}; it often stands for a byte that was not UTF-8)"
+                    ) from None
         return encode(self.tokenizer, texts, self.max_length, self.truncation)
 
     def _predict_ids(self, ids: list[list[int]], batch_size: int) -> np.ndarray:
@@ -474,9 +485,10 @@ def _as_batch(texts: str | Iterable[str]) -> list[str]:
     """``texts`` as a list: one string becomes a list of one."""
     if isinstance(texts, str):
         return [texts]
-    # bytes are iterable (of ints), but never text.
-    if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Iterable):
-        raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
+    # bytes are iterable (of ints), but never text; a mapping or a DataFrame iterates over its keys.
+    if isinstance(texts, (bytes, bytearray, Mapping)) or not isinstance(texts, Iterable) or hasattr(texts, "columns"):
+        hint = ": pass its text column, e.g. frame['text']" if hasattr(texts, "columns") else ""
+        raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}{hint}")
     return list(texts)
 
 

@@ -16,18 +16,19 @@ for a text with nothing to read, and ``"explanation"`` with ``--explain``).
 * ``.jsonl``: one JSON object per line, its ``--text-field`` field; blank lines are skipped.
 * ``.json``: one JSON list, of strings or of objects with the ``--text-field`` field.
 * ``.parquet``: the ``--text-field`` column, which must hold strings; a null is an empty text.
-* anything else: plain text, one text per line, blank lines included, so output line i
-  always belongs to input line i. ``--text-field`` does not apply (nor to texts given as
+* anything else, and stdin (``--input -``, or no texts given): plain text, one text per
+  line, blank lines included, so output line i always belongs to input line i. ``--text-field`` does not apply (nor to texts given as
   arguments or on stdin), and giving it is an error.
 
-Mistakes (a missing file, a bad checkpoint, a missing column, bad JSON, a file that is not
-parquet) print one line to stderr and exit with status 2, without a traceback.
+Mistakes (a missing file, a bad checkpoint, a missing column, bad JSON, a csv quote left
+open, a file that is not parquet, bytes that are not UTF-8) print one line to stderr and exit with status 2, without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--input",
         type=Path,
-        help="file of texts: .csv, .tsv, .jsonl, .json or .parquet (see --text-field), else one text per line",
+        help="file of texts: .csv, .tsv, .jsonl, .json or .parquet (see --text-field), else one text per line; - is stdin",
     )
     # Default None, not "text", so that run() can tell a --text-field given for plain lines.
     parser.add_argument(
@@ -100,6 +101,8 @@ def run(args: argparse.Namespace) -> None:
     """Classify the texts ``args`` names and write the JSON lines."""
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.input == Path("-"):  # the usual name for stdin
+        args.input = None
     if args.texts and args.input is not None:
         raise ValueError("give texts as arguments or --input, not both")
     if args.input is not None and not args.input.is_file():
@@ -124,7 +127,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.input is not None:
         texts = read_texts(args.input, text_field)
     else:
-        texts = (line.rstrip("\r\n") for line in sys.stdin)
+        texts = _stdin_lines()
     show_progress = sys.stderr.isatty() and (args.input is not None or len(args.texts) >= PROGRESS_MIN_TEXTS)
     if args.output is None:
         write_lines(classifier, texts, sys.stdout, args, show_progress)
@@ -162,6 +165,20 @@ def write_lines(
         progress.close()
 
 
+def _stdin_lines() -> Iterator[str]:
+    """Lines of stdin read as UTF-8, strictly (not with the lenient decoding Python gives stdin where
+    the locale is C), a byte-order mark skipped."""
+    stream = sys.stdin
+    if hasattr(stream, "buffer"):  # a real stream, not a StringIO
+        stream = io.TextIOWrapper(stream.buffer, encoding="utf-8-sig", errors="strict")
+    try:
+        for line in stream:
+            yield line.rstrip("\r\n")
+    except UnicodeDecodeError as error:
+        bad_byte = error.object[error.start : error.start + 1]
+        raise InputError(f"stdin: not valid UTF-8 text (found byte {bad_byte!r})") from None
+
+
 def read_texts(path: Path, text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[str]:
     """Texts from ``path``: a column of a .csv, .tsv or .parquet, a field of a .jsonl, a list in a .json,
     else one per line.
@@ -193,14 +210,18 @@ def _read_texts(path: Path, text_field: str) -> Iterator[str]:
             csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
             # A tab-separated file has no quoting: a quote is part of its text (as in GLUE's files).
             dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
-            reader = csv.DictReader(file, **dialect)
+            # strict: a quote left open is an error, not a field that swallows the rows after it.
+            reader = csv.DictReader(file, strict=True, **dialect)
             if reader.fieldnames is None or text_field not in reader.fieldnames:
                 raise InputError(
                     f"{path}: no column {text_field!r} (columns: {', '.join(reader.fieldnames or [])}); "
                     "choose one with --text-field"
                 )
-            for row in reader:
-                yield row[text_field] or ""
+            try:
+                for row in reader:
+                    yield row[text_field] or ""
+            except csv.Error as error:  # line_num counts the lines of the rows read whole
+                raise InputError(f"{path}:{reader.line_num + 1}: not valid {suffix[1:]} ({error})") from None
         elif suffix == ".jsonl":
             for number, line in enumerate(file, start=1):
                 if not line.strip():

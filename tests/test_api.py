@@ -91,8 +91,25 @@ def test_texts_of_the_wrong_type_name_the_type(classifier, texts):
         classifier.predict(texts)
     with pytest.raises(TypeError, match=expected):
         classifier.predict_proba(texts)
-    with pytest.raises(TypeError, match="texts must be strings"):
+    with pytest.raises(TypeError, match="texts must be strings, got int at position 1"):
         classifier.predict(["good", 5])
+
+
+def test_a_table_or_a_mapping_is_refused_not_read_as_its_column_names(classifier):
+    import pandas as pd
+
+    with pytest.raises(TypeError, match=r"got DataFrame: pass its text column, e.g. frame\['text'\]"):
+        classifier.predict(pd.DataFrame({"text": ["awful", "a joy", "fine"]}))
+    with pytest.raises(TypeError, match="got dict"):
+        classifier.predict_proba({"text": "good"})
+    assert len(classifier.predict(pd.Series(["awful", "a joy"]))) == 2  # a column is a list of texts
+
+
+def test_a_text_with_bytes_that_were_not_utf8_is_an_error_naming_it(classifier):
+    # Python decodes undecodable argv / stdin bytes to lone surrogates ("caf\xe9" -> "caf\udce9").
+    for call in (classifier.predict, classifier.explain):
+        with pytest.raises(ValueError, match=r"text at position 0 is not valid Unicode .*'\\udce9' at character 3"):
+            call("caf\udce9")
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -204,6 +221,8 @@ def test_class_ids_read_gold_labels_as_training_does(classifier):
         classifier.class_ids(["pos", "great"])
     with pytest.raises(ValueError, match="label 3 at position 0"):
         classifier.class_ids([3, 0])
+    with pytest.raises(TypeError, match="labels must be a list of labels, got one str: 'pos'"):
+        classifier.class_ids("pos")
 
 
 def test_explain_edge_cases_and_gates(classifier):

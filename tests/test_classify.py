@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -47,6 +48,8 @@ def test_texts_from_stdin_keep_blank_lines(tiny_checkpoint, capsys, monkeypatch)
     assert code == 0
     check_records(records, ["a bad film", "", "very good 映画 😀"])
     assert records[1]["empty"] is True and "empty" not in records[0]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a bad film\n"))
+    assert run(capsys, ["--ckpt", str(tiny_checkpoint), "--input", "-"])[1][0]["text"] == "a bad film"  # - is stdin
 
 
 def test_an_output_that_is_the_input_or_a_folder_is_refused_before_any_work(tiny_checkpoint, capsys, tmp_path):
@@ -72,6 +75,25 @@ def test_a_tsv_file_has_no_quoting(tiny_checkpoint, capsys, tmp_path):
     source = _write(tmp_path / "quoted.tsv", 'text\tid\n"Great" fun.\t1\n"Awful.\t2\nA mess.\t3\n')
     code, printed, _ = run(capsys, ["--ckpt", str(tiny_checkpoint), "--input", str(source)])
     assert code == 0 and [record["text"] for record in printed] == ['"Great" fun.', '"Awful.', "A mess."]
+
+
+def test_stdin_is_read_as_utf8_without_its_byte_order_mark_and_bad_bytes_are_an_error(tiny_checkpoint):
+    def classify(stdin: bytes) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "gru_nlp.cli", "classify", "--ckpt", str(tiny_checkpoint)]
+        return subprocess.run(command, input=stdin, capture_output=True, timeout=120, env={**os.environ, "LC_ALL": "C"})
+
+    with_mark = classify("\ufeffgood film\n".encode())
+    assert with_mark.returncode == 0 and json.loads(with_mark.stdout)["text"] == "good film"
+    not_utf8 = classify(b"good\n\xff bad\n")
+    assert not_utf8.returncode == 2 and not_utf8.stderr.decode().strip() == (
+        "gru-nlp classify: error: stdin: not valid UTF-8 text (found byte b'\\xff')"
+    )
+
+
+def test_a_csv_quote_left_open_is_an_error_not_a_text_that_swallows_the_rows_after_it(tiny_checkpoint, capsys, tmp_path):
+    source = _write(tmp_path / "open.csv", 'id,text\n1,good film\n2,"bad film\n3,awful\n4,loved it\n')
+    code, printed, err = run(capsys, ["--ckpt", str(tiny_checkpoint), "--input", str(source)])
+    assert code == 2 and printed == [] and "open.csv:3: not valid csv (unexpected end of data)" in err
 
 
 @pytest.mark.parametrize(
