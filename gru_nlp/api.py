@@ -283,8 +283,8 @@ class TextClassifier:
         labels = list(labels)
         # Booleans are integers here, as training reads them (False and True: ids 0 and 1).
         numbers = all(isinstance(label, int | float | np.integer | np.floating | np.bool_) and float(label).is_integer() for label in labels)
-        if numbers:
-            labels = [int(label) for label in labels]
+        if numbers:  # booleans stay booleans, to be matched with classes "False" and "True" as training does
+            labels = [bool(label) if isinstance(label, bool | np.bool_) else int(label) for label in labels]
             lookup = integer_label_ids(labels, self.labels)
         else:
             lookup = {name: i for i, name in enumerate(self.labels)}

@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 DATA_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json"}
 SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
-ACL_IMDB_LABELS = ["neg", "pos"]
 DEFAULT_CACHE_DIR = "~/.cache/gru_nlp"
 
 # Bump when the tokenizer recipe in gru_nlp.tokenizer changes, so cached tokenizers are retrained.
@@ -73,8 +72,9 @@ class TextDataModule(L.LightningDataModule):
       read on its own (its format, columns and `ClassLabel` names);
     - a single local data file, which becomes the `train` split;
     - the original IMDB folder, `aclImdb/{train,test}/{pos,neg}/*.txt`, with
-      labels `neg`=0 and `pos`=1 (`train/unsup/` is the split `unsup`, read only
-      if named, as `load_texts` does for pretraining).
+      labels `neg`=0 and `pos`=1; another class folder beside them is another
+      class, in sorted order (`train/unsup/` is the split `unsup`, read only if
+      named, as `load_texts` does for pretraining).
 
     Rows: a row whose text is missing, not a string, or empty after stripping is
     skipped, and a warning gives how many were skipped per split and the first
@@ -89,7 +89,8 @@ class TextDataModule(L.LightningDataModule):
     integer labels are ids into `label_names` when given (unless every value is
     itself one of the names, as in `["1", "2"]` for labels 1 and 2: then each
     value takes its name's id), else the sorted distinct values become the
-    classes, named by their values; string labels become ids in the order of
+    classes, named by their values (booleans: `"False"` and `"True"`, matched
+    by those names in `label_names`, else ids 0 and 1); string labels become ids in the order of
     `label_names` when given, else in sorted order.
 
     Validation: `val_split` when given; else the source's `validation` split
@@ -184,6 +185,11 @@ class TextDataModule(L.LightningDataModule):
             raise DataError(f"val_size must be a fraction below 1 or a whole count, got {val_size}")
         if val_carve not in ("random", "tail", "sentences"):
             raise DataError(f"val_carve must be 'random', 'tail' or 'sentences', got {val_carve!r}")
+        if text_field == label_field:
+            raise DataError(f"text_field and label_field are both {text_field!r}: the labels would be the texts")
+        for arg, split in (("val_split", val_split), ("test_split", test_split)):
+            if split is not None and split == train_split:
+                raise DataError(f"{arg}={split!r} is also the train_split: it would score the rows the model trains on")
         if cache_dir is not None:
             tokenizer_cache_folder(cache_dir)  # before minutes of loading, not after
         if label_names is not None and len(set(label_names)) < len(label_names):
@@ -431,24 +437,37 @@ class TextDataModule(L.LightningDataModule):
         try:
             if hp.val_carve == "random":
                 carved = train.train_test_split(test_size=val_size, seed=hp.seed, stratify_by_column="labels")
-                return carved["train"], carved["test"]
-            if hp.val_carve == "tail":
-                train_rows, val_rows = _tail_rows(train["labels"], val_size)
+                kept, val = carved["train"], carved["test"]
             else:
-                train_rows, val_rows = _sentence_rows(train["text"], train["labels"], val_size, hp.seed)
-                log.info(
-                    "Validating on %d whole texts of %s; training drops %d phrases found only inside them",
-                    len(val_rows),
-                    hp.train_split,
-                    len(train) - len(train_rows) - len(val_rows),
-                )
+                if hp.val_carve == "tail":
+                    train_rows, val_rows = _tail_rows(train["labels"], val_size)
+                else:
+                    train_rows, val_rows = _sentence_rows(train["text"], train["labels"], val_size, hp.seed)
+                    log.info(
+                        "Validating on %d whole texts of %s; training drops %d phrases found only inside them",
+                        len(val_rows),
+                        hp.train_split,
+                        len(train) - len(train_rows) - len(val_rows),
+                    )
+                kept, val = train.select(train_rows), train.select(val_rows)
         except ValueError as err:  # e.g. a class with one example cannot be on both sides
             raise DataError(
                 f"cannot carve a stratified validation split (val_size={hp.val_size}) from split "
                 f"{hp.train_split!r} of {source}: {err} Set val_split, or a val_size "
                 "that leaves examples of every class on both sides."
             ) from err
-        return train.select(train_rows), train.select(val_rows)
+        self._check_carve_keeps_every_class(train, kept, source)
+        return kept, val
+
+    def _check_carve_keeps_every_class(self, before: Dataset, after: Dataset, source: str) -> None:
+        missing = sorted(set(before["labels"]) - set(after["labels"]))
+        if missing:
+            names = [self._label_names[class_id] for class_id in missing]
+            raise DataError(
+                f"val_size={self.hparams.val_size} carves every row of class {', '.join(map(repr, names))} of split "
+                f"{self.hparams.train_split!r} ({source}) into validation, leaving training none: "
+                "set a smaller val_size, or val_split"
+            )
 
     def _cached_trained_tokenizer(self, train: Dataset) -> Tokenizer:
         """Train a tokenizer on `train`, or load the one an earlier run or process trained on it."""
@@ -682,15 +701,17 @@ def _load_split_files(split: str, files: list[Path], cache_dir: str | None) -> D
 
 
 def _load_acl_imdb(root: Path, wanted: Collection[str], cache_dir: str | None) -> tuple[dict, dict[str, str]]:
-    # split -> (its folder, the folders of its reviews): by label, or one of unlabelled reviews (label -1)
-    layout = {
-        "train": (root / "train", [root / "train" / label for label in ACL_IMDB_LABELS]),
-        "test": (root / "test", [root / "test" / label for label in ACL_IMDB_LABELS]),
+    """The aclImdb layout: `train/` and `test/` hold a folder of `.txt` reviews per class (`neg`, `pos`),
+    named by its class; `train/unsup/` holds the unlabelled reviews (label -1), the split `unsup`."""
+    classes = _acl_imdb_classes(root / "train")
+    layout = {  # split -> the folder named in messages, and the folders of its reviews
+        "train": (root / "train", [root / "train" / name for name in classes]),
+        "test": (root / "test", [root / "test" / name for name in _acl_imdb_classes(root / "test", classes)]),
         "unsup": (root / "train" / "unsup", [root / "train" / "unsup"]),
     }
-    folders = {split: review_folders for split, (_, review_folders) in layout.items() if review_folders[-1].is_dir()}
+    folders = {split: review_folders for split, (folder, review_folders) in layout.items() if folder.is_dir() and review_folders}
     sources = {split: str(layout[split][0]) for split in folders}
-    features = Features({"text": Value("string"), "label": ClassLabel(names=ACL_IMDB_LABELS)})
+    features = Features({"text": Value("string"), "label": ClassLabel(names=classes)})
     loaded = {}
     for split in folders.keys() & set(wanted):
         files = []
@@ -704,7 +725,7 @@ def _load_acl_imdb(root: Path, wanted: Collection[str], cache_dir: str | None) -
                 _read_acl_imdb,
                 features=features,
                 cache_dir=cache_dir,
-                gen_kwargs={"files": files, "stats": stats},
+                gen_kwargs={"files": files, "stats": stats, "classes": tuple(classes)},  # a list would be sharded
                 split=split,
             )
         except datasets.exceptions.DatasetGenerationError as err:
@@ -713,7 +734,22 @@ def _load_acl_imdb(root: Path, wanted: Collection[str], cache_dir: str | None) -
     return loaded, sources
 
 
-def _read_acl_imdb(files: list[str], stats: list[tuple[int, int]]) -> Iterator[dict[str, str]]:
+def _acl_imdb_classes(folder: Path, known: list[str] | None = None) -> list[str]:
+    """The class folders in an aclImdb `train/` or `test/` folder, sorted; a test folder's must be
+    among the training folder's `known` ones."""
+    if not folder.is_dir():
+        return []
+    classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and entry.name != "unsup")
+    unknown = sorted(set(classes) - set(known if known is not None else classes))
+    if unknown:
+        raise DataError(
+            f"{folder} has review folders {unknown} that {folder.parent / 'train'} does not have "
+            f"(its classes: {known}): a class needs training reviews"
+        )
+    return classes
+
+
+def _read_acl_imdb(files: list[str], stats: list[tuple[int, int]], classes: tuple[str, ...]) -> Iterator[dict[str, str]]:
     """Yield one example per review file; the label is the name of its folder (-1, none, for `unsup`)."""
     for file in files:
         data = Path(file).read_bytes()
@@ -722,7 +758,7 @@ def _read_acl_imdb(files: list[str], stats: list[tuple[int, int]]) -> Iterator[d
         except UnicodeDecodeError as err:
             raise DataError(_utf8_error(Path(file), data, err)) from None
         label = Path(file).parent.name
-        yield {"text": text, "label": label if label in ACL_IMDB_LABELS else -1}
+        yield {"text": text, "label": label if label in classes else -1}
 
 
 def _check_utf8(path: Path) -> None:
@@ -832,7 +868,8 @@ def _label_ids(
         names = label_names or sorted(set(labels))
         ids = {name: i for i, name in enumerate(names)}
     elif all(isinstance(label, int | float) and float(label).is_integer() for label in labels):
-        values = sorted({int(label) for label in labels})
+        # Booleans stay booleans, named "False" and "True" (ids 0 and 1, unless label_names name them).
+        values = sorted({label if isinstance(label, bool) else int(label) for label in labels})
         if label_names:
             names, ids = label_names, integer_label_ids(values, label_names)
         else:

@@ -9,7 +9,8 @@ def integer_label_ids(values: Iterable[int], names: Sequence[str]) -> dict[int, 
     """The class id of each integer label value, given the class names.
 
     By name when every value is itself one of the names (labels 1 and 2 of classes "1" and
-    "2", as a checkpoint names them); otherwise each value 0..K-1 is its own id.
+    "2", as a checkpoint names them; True of class "True"); otherwise each value 0..K-1 is its
+    own id (False and True are 0 and 1).
     """
     names = list(names)
     distinct = set(values)

@@ -627,3 +627,62 @@ def test_ddp_ranks_share_the_tokenizer_and_split_the_batches(tmp_path):
         assert not set(seen[0]) & set(seen[1])
         assert sorted(seen[0] + seen[1]) == list(range(108))
     assert batches[0][0] != batches[0][1]  # set_epoch reached the sampler
+
+
+def test_each_acl_imdb_class_folder_is_a_class_and_a_test_folder_training_lacks_is_an_error(tmp_path, tokenizer_path):
+    root = write_acl_imdb(tmp_path / "imdb")
+    for split, count in (("train", 4), ("test", 2)):
+        (root / split / "mixed").mkdir()
+        for i in range(count):
+            (root / split / "mixed" / f"{i}_5.txt").write_text(f"Review {i}: the film was so-so.")
+    dm = data_module(root, tmp_path, tokenizer_path=tokenizer_path, test_split="test", val_size=3)
+    assert dm.label_names == ["mixed", "neg", "pos"]
+    dm.setup("test")
+    assert Counter(label for _, _, label in examples(dm.test_dataloader())) == {0: 2, 1: 3, 2: 3}
+    (root / "test" / "great").mkdir()
+    with pytest.raises(DataError, match=r"test has review folders \['great'\] that .*train does not have"):
+        data_module(root, tmp_path, tokenizer_path=tokenizer_path, test_split="test").num_classes
+
+
+def test_an_acl_imdb_test_folder_without_one_class_holds_the_others(tmp_path, tokenizer_path):
+    root = write_acl_imdb(tmp_path / "imdb")
+    for review in (root / "test" / "neg").iterdir():
+        review.unlink()
+    (root / "test" / "neg").rmdir()
+    dm = data_module(root, tmp_path, tokenizer_path=tokenizer_path, test_split="test")
+    dm.setup("test")
+    assert [label for _, _, label in examples(dm.test_dataloader())] == [1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"val_split": "train"}, "val_split='train' is also the train_split: it would score the rows the model trains on"),
+        ({"test_split": "train"}, "test_split='train' is also the train_split"),
+        ({"text_field": "label"}, "text_field and label_field are both 'label'"),
+    ],
+)
+def test_settings_that_would_score_training_rows_or_learn_the_text_are_errors(settings, message):
+    with pytest.raises(DataError, match=re.escape(message)):
+        TextDataModule(str(TINY), **settings)
+
+
+def test_a_carve_that_takes_every_row_of_a_class_is_an_error_naming_it(tmp_path):
+    rows = TRAIN + [{"text": "So-so, the film was.", "label": "mixed"}, {"text": "Mixed feelings.", "label": "mixed"}]
+    write(tmp_path / "data" / "train.jsonl", rows)
+    with pytest.raises(DataError, match=r"val_size=0.8 carves every row of class 'mixed' .* leaving training none"):
+        data_module(tmp_path / "data", tmp_path, test_split=None, val_size=0.8).setup("fit")
+
+
+def test_boolean_labels_are_named_false_and_true_and_matched_by_those_names(tmp_path, tokenizer_path):
+    for name, rows in (("train", TRAIN), ("dev", TEST)):
+        write(tmp_path / "data" / f"{name}.jsonl", [{"text": row["text"], "label": row["label"] == "pos"} for row in rows])
+
+    def val_labels(**kwargs) -> tuple[list[str], list[int]]:
+        dm = data_module(tmp_path / "data", tmp_path, tokenizer_path=tokenizer_path, test_split=None, **kwargs)
+        dm.setup("fit")
+        return dm.label_names, [label for _, _, label in examples(dm.val_dataloader())]
+
+    assert val_labels() == (["False", "True"], [0, 0, 0, 1, 1, 1])
+    assert val_labels(label_names=["True", "False"]) == (["True", "False"], [1, 1, 1, 0, 0, 0])
+    assert val_labels(label_names=["neg", "pos"]) == (["neg", "pos"], [0, 0, 0, 1, 1, 1])  # False and True: ids 0 and 1
