@@ -31,7 +31,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -114,6 +114,39 @@ class PredictionWriter(L.Callback):
                 line |= {"label": labels[best], "score": probs[best], "probs": dict(zip(labels, probs, strict=True))}
                 file.write(json.dumps(line, ensure_ascii=False) + "\n")
         print(f"predictions: {path} ({len(self.rows)} texts)")
+
+
+class WeightEMA(EMAWeightAveraging):
+    """Validates, checkpoints and finishes with an exponential moving average of the weights.
+
+    Lightning's ``EMAWeightAveraging`` with one change: buffers are copied from the trained model
+    instead of averaged, since ours hold facts, not weights: the bag's log-count ratios (counted
+    when training starts) and the side weights (fitted at the end of each validation, which runs
+    with the averaged weights, so they fit the model that is saved). A checkpoint's ``state_dict``
+    holds the average; ``current_model_state`` the trained weights, from which a resumed fit goes on.
+
+    ``--trainer.callbacks+=gru_nlp.callbacks.WeightEMA --trainer.callbacks.decay 0.999``
+    """
+
+    def __init__(self, decay: float = 0.999, update_every_n_steps: int = 1) -> None:
+        super().__init__(use_buffers=False, decay=decay, update_every_n_steps=update_every_n_steps)
+
+    def _copy_buffers(self, pl_module: L.LightningModule) -> None:
+        if self._average_model is not None:
+            for averaged, trained in zip(self._average_model.module.buffers(), pl_module.buffers(), strict=True):
+                averaged.copy_(trained)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._copy_buffers(pl_module)
+        super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._copy_buffers(pl_module)
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._copy_buffers(pl_module)
+        super().on_train_end(trainer, pl_module)
 
 
 def checkpoint_bytes(module: torch.nn.Module) -> int:

@@ -247,9 +247,13 @@ class TextDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Encode the splits, in one process, so that `setup` on each rank reads the cache: the
-        predicted one in `predict`, else every configured split."""
-        predicting = self.trainer is not None and self.trainer.predicting
-        for role in _STAGE_ROLES["predict"] if predicting else self._text_splits():
+        split that `test` or `predict` scores, else every configured split."""
+        trainer = self.trainer
+        if trainer is not None and (trainer.testing or trainer.predicting):
+            roles = _STAGE_ROLES["test" if trainer.testing else "predict"]
+        else:
+            roles = self._text_splits()
+        for role in roles:
             self._encoded_split(role)
 
     def setup(self, stage: str) -> None:
@@ -307,6 +311,8 @@ class TextDataModule(L.LightningDataModule):
         """The split of `role` as `input_ids`, `length`, `index` and (but to predict) `labels` columns."""
         if role == "predict":
             split = self._texts_to_predict()
+        elif role == "test" and self._splits is None and self._reads_no_training_split:
+            split = self._test_split_alone()
         else:
             splits = self._text_splits()
             if role not in splits:
@@ -328,6 +334,11 @@ class TextDataModule(L.LightningDataModule):
                 desc=f"Encoding {role}",
             )
         return self._encoded[role]
+
+    @property
+    def _reads_no_training_split(self) -> bool:
+        """Whether the tokenizer and the label names are given, so that scoring a split needs no training data."""
+        return self.hparams.tokenizer_path is not None and self._requested_label_names is not None
 
     def _texts_to_predict(self) -> Dataset:
         """The split `predict` reads, with columns `text` and `source_row`: the test split, else the
@@ -398,37 +409,67 @@ class TextDataModule(L.LightningDataModule):
             hp.train_split,
             sources[hp.train_split],
         )
-        features = Features(
-            {"text": Value("string"), "labels": ClassLabel(names=self._label_names), "source_row": Value("int64")}
-        )
         splits = {}
         for role, (dataset, kept, labels) in rows.items():
             split = named[role]
             feature = dataset.features[hp.label_field]
             split_ids = _split_label_ids(labels, feature, train_feature, label_ids, self._label_names)
-            _check_labels(labels, kept, split_ids, feature, self._label_names, split, sources[split])
-            skipped = len(kept) < len(dataset)
-            if skipped:
-                dataset = dataset.select(kept)
-            splits[role] = dataset.map(
-                _standardize,
-                batched=True,
-                with_indices=True,
-                remove_columns=dataset.column_names,
-                features=features,
-                fn_kwargs={
-                    "text_field": hp.text_field,
-                    "label_field": hp.label_field,
-                    "label_ids": split_ids,
-                    "source_rows": kept if skipped else None,
-                },
-                desc=f"Reading {split}",
-            )
+            splits[role] = self._labelled_split(dataset, kept, labels, split_ids, split, sources[split])
 
         if "val" not in splits:
             splits["train"], splits["val"] = self._carve_validation(splits["train"], sources[hp.train_split])
         self._splits = splits
         return splits
+
+    def _labelled_split(
+        self, dataset: Dataset, kept: list[int], labels: list, label_ids: dict[Any, int], split: str, source: str
+    ) -> Dataset:
+        """The `kept` rows of `dataset` as columns `text`, `labels` (class ids, by `label_ids`) and `source_row`."""
+        hp = self.hparams
+        _check_labels(labels, kept, label_ids, dataset.features[hp.label_field], self._label_names, split, source)
+        skipped = len(kept) < len(dataset)
+        if skipped:
+            dataset = dataset.select(kept)
+        features = Features(
+            {"text": Value("string"), "labels": ClassLabel(names=self._label_names), "source_row": Value("int64")}
+        )
+        return dataset.map(
+            _standardize,
+            batched=True,
+            with_indices=True,
+            remove_columns=dataset.column_names,
+            features=features,
+            fn_kwargs={
+                "text_field": hp.text_field,
+                "label_field": hp.label_field,
+                "label_ids": label_ids,
+                "source_rows": kept if skipped else None,
+            },
+            desc=f"Reading {split}",
+        )
+
+    def _test_split_alone(self) -> Dataset:
+        """The test split, read without the training split: for a tokenizer and label names that are
+        given (as a checkpoint gives them to `gru-nlp test`). Its labels are read as training reads a
+        split's labels with `label_names` given."""
+        hp = self.hparams
+        split, names = hp.test_split, list(self._requested_label_names)
+        raw, sources = _load_raw_splits(hp.path, hp.name, {split}, hp.cache_dir)
+        if split not in raw:
+            raise DataError(
+                f"test_split={split!r} is not a split of {hp.path} (it has {', '.join(sorted(sources)) or 'none'}): "
+                "set test_split to the split to test on"
+            )
+        dataset, source = raw[split], sources[split]
+        _check_columns(dataset, hp.text_field, hp.label_field, split, source)
+        kept, labels = _usable_rows(dataset, hp.text_field, hp.label_field, split, source)
+        feature = dataset.features[hp.label_field]
+        if isinstance(feature, ClassLabel) and set(feature.names) <= set(names):
+            label_ids = _split_label_ids(labels, feature, None, {}, names)  # its classes, by name
+        else:
+            label_ids = _label_ids(feature, labels, names, split, source)[1]
+        self._label_names = names
+        return self._labelled_split(dataset, kept, labels, label_ids, split, source)
 
     def _carve_validation(self, train: Dataset, source: str) -> tuple[Dataset, Dataset]:
         """Split `train` into (train, validation) by `val_size` and `val_carve`."""

@@ -324,6 +324,34 @@ def test_predict_needs_neither_labels_nor_a_training_split(tmp_path):
     assert [line["label"] for line in lines] == [p.label for p in expected]
 
 
+def test_weight_ema_saves_the_averaged_weights_with_the_trained_models_buffers(tmp_path):
+    ema = ("--trainer.callbacks+=gru_nlp.callbacks.WeightEMA", "--trainer.callbacks.decay", "0.5")
+    bag = ("--model.ngram_buckets", "1024", "--model.ngram_features", "naive_bayes")
+    fit = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "2", *bag, *ema))
+    checkpoint = torch.load(fit.trainer.checkpoint_callback.best_model_path, map_location="cpu", weights_only=True)
+    served, trained = checkpoint["state_dict"], checkpoint["current_model_state"]
+    buffers = {name for name, _ in fit.model.named_buffers()}
+    assert buffers == {"model.ngrams.log_count_ratios", "model.side_weights"}
+    for name in buffers:  # counted on the training data, and fitted on validation: the model's own, not averaged
+        assert torch.equal(served[name], trained[name]), name
+    assert served["model.ngrams.log_count_ratios"].abs().sum() > 0
+    assert not torch.equal(served["model.side_weights"], torch.ones(2))
+    assert any(not torch.equal(served[name], trained[name]) for name in served.keys() - buffers)  # weights: averaged
+
+
+def test_testing_a_checkpoint_reads_only_the_test_split(tmp_path):
+    fit = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
+    best = fit.trainer.checkpoint_callback.best_model_path
+    scores = {}
+    data = tmp_path / "test_only"
+    data.mkdir()
+    shutil.copy(REPO / "tests/fixtures/tiny/test.jsonl", data)
+    for name, path in (("with train", REPO / "tests/fixtures/tiny"), ("test only", data)):
+        tested = run_cli(["test", *tiny_args(tmp_path, "--ckpt_path", best, "--data.path", str(path))[1:]])
+        scores[name] = {key: float(value) for key, value in tested.trainer.callback_metrics.items()}
+    assert scores["test only"] == scores["with train"] and "test/acc" in scores["test only"]
+
+
 def test_a_tokenizer_path_that_cannot_be_loaded_is_one_line_naming_it(tmp_path, capsys):
     fit = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
     best = fit.trainer.checkpoint_callback.best_model_path
