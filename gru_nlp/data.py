@@ -15,7 +15,7 @@ import math
 import os
 import random
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +24,7 @@ import datasets
 import lightning as L
 from datasets import ClassLabel, Dataset, Features, Value
 from filelock import FileLock  # a dependency of torch and datasets
+from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
@@ -309,6 +310,8 @@ class TextDataModule(L.LightningDataModule):
 
     def _encoded_split(self, role: str) -> Dataset:
         """The split of `role` as `input_ids`, `length`, `index` and (but to predict) `labels` columns."""
+        if role in self._encoded:
+            return self._encoded[role]
         if role == "predict":
             split = self._texts_to_predict()
         elif role == "test" and self._splits is None and self._reads_no_training_split:
@@ -318,21 +321,20 @@ class TextDataModule(L.LightningDataModule):
             if role not in splits:
                 raise DataError(f"there is no {role} split: set test_split to a split of {self.hparams.path}")
             split = splits[role]
-        if role not in self._encoded:
-            # datasets fingerprints the function and fn_kwargs (the tokenizer hashes by
-            # its JSON), so the same data and tokenizer hit the cache in a later run.
-            self._encoded[role] = split.map(
-                _encode_batch,
-                batched=True,
-                with_indices=True,
-                remove_columns=["text"],
-                fn_kwargs={
-                    "tokenizer": self.tokenizer,
-                    "max_length": self.hparams.max_length,
-                    "truncation": self.hparams.truncation,
-                },
-                desc=f"Encoding {role}",
-            )
+        # datasets fingerprints the function and fn_kwargs (the tokenizer hashes by
+        # its JSON), so the same data and tokenizer hit the cache in a later run.
+        self._encoded[role] = split.map(
+            _encode_batch,
+            batched=True,
+            with_indices=True,
+            remove_columns=["text"],
+            fn_kwargs={
+                "tokenizer": self.tokenizer,
+                "max_length": self.hparams.max_length,
+                "truncation": self.hparams.truncation,
+            },
+            desc=f"Encoding {role}",
+        )
         return self._encoded[role]
 
     @property
@@ -416,10 +418,27 @@ class TextDataModule(L.LightningDataModule):
             split_ids = _split_label_ids(labels, feature, train_feature, label_ids, self._label_names)
             splits[role] = self._labelled_split(dataset, kept, labels, split_ids, split, sources[split])
 
-        if "val" not in splits:
+        carved = "val" not in splits
+        if carved:
             splits["train"], splits["val"] = self._carve_validation(splits["train"], sources[hp.train_split])
+            named["val"] = f"carved from {hp.train_split}, {hp.val_carve}"
+        rank_zero_info(self._summary(splits, named, label_ids))
         self._splits = splits
         return splits
+
+    def _summary(self, splits: dict[str, Dataset], named: dict[str, str | None], label_ids: dict[Any, int]) -> str:
+        """One line on what was read: the classes (and which label values became them, where those are
+        not the names), and each role's split and rows per class, in class order."""
+        names = self._label_names
+        renamed = {value: names[i] for value, i in label_ids.items() if isinstance(value, int) and str(value) != names[i]}
+        shown = ", ".join(f"{value!r} is {name!r}" for value, name in sorted(renamed.items())[:10])
+        line = f"data: classes {names}" + (f" (label {shown}{', ...' if len(renamed) > 10 else ''})" if renamed else "")
+        for role in ("train", "val", "test"):
+            if role in splits:
+                counts = Counter(splits[role]["labels"])
+                source = "" if named[role] == role else f" ({named[role]})"
+                line += f"; {role}{source} {len(splits[role]):,} rows ({' / '.join(f'{counts[i]:,}' for i in range(len(names)))})"
+        return line
 
     def _labelled_split(
         self, dataset: Dataset, kept: list[int], labels: list, label_ids: dict[Any, int], split: str, source: str
@@ -469,7 +488,9 @@ class TextDataModule(L.LightningDataModule):
         else:
             label_ids = _label_ids(feature, labels, names, split, source)[1]
         self._label_names = names
-        return self._labelled_split(dataset, kept, labels, label_ids, split, source)
+        test = self._labelled_split(dataset, kept, labels, label_ids, split, source)
+        rank_zero_info(self._summary({"test": test}, {"test": split}, label_ids))
+        return test
 
     def _carve_validation(self, train: Dataset, source: str) -> tuple[Dataset, Dataset]:
         """Split `train` into (train, validation) by `val_size` and `val_carve`."""

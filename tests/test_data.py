@@ -686,3 +686,16 @@ def test_boolean_labels_are_named_false_and_true_and_matched_by_those_names(tmp_
     assert val_labels() == (["False", "True"], [0, 0, 0, 1, 1, 1])
     assert val_labels(label_names=["True", "False"]) == (["True", "False"], [1, 1, 1, 0, 0, 0])
     assert val_labels(label_names=["neg", "pos"]) == (["neg", "pos"], [0, 0, 0, 1, 1, 1])  # False and True: ids 0 and 1
+
+
+def test_one_line_says_what_was_read_classes_label_values_and_rows_per_class(tmp_path, tokenizer_path, caplog):
+    for name, rows in (("train", TRAIN), ("test", TEST[:4])):
+        write(tmp_path / "data" / f"{name}.parquet", [{"text": row["text"], "label": int(row["label"] == "pos")} for row in rows])
+    with caplog.at_level(logging.INFO):
+        dm = data_module(tmp_path / "data", tmp_path, tokenizer_path=tokenizer_path, label_names=["neg", "pos"], val_size=4)
+        dm.setup("fit")
+    summaries = [record.getMessage() for record in caplog.records if record.getMessage().startswith("data: ")]
+    assert summaries == [
+        "data: classes ['neg', 'pos'] (label 0 is 'neg', 1 is 'pos'); train 16 rows (8 / 8); "
+        "val (carved from train, random) 4 rows (2 / 2); test 4 rows (3 / 1)"
+    ]
