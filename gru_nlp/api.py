@@ -222,12 +222,16 @@ class TextClassifier:
             ValueError: a device this machine does not have, or ``quantize=True`` with a
                 non-CPU device.
         """
+        if not isinstance(device, str | torch.device):
+            raise TypeError(f"device must be a name such as 'auto', 'cpu' or 'cuda:0', got {device!r}")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() and not quantize else "cpu"
         try:
             device_type = torch.device(device).type
         except RuntimeError as error:  # not a device name ("gpu")
             raise ValueError(f"device {device!r} is not usable here: {error}") from None
+        if device_type == "meta":
+            raise ValueError("device 'meta' holds no weights: choose 'cpu' or a GPU")
         if quantize and device_type != "cpu":
             raise ValueError(f"quantize=True runs on CPU only, got device={device!r}")
         try:

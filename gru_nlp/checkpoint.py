@@ -64,6 +64,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             code (refused), not saved by gru-nlp, an unknown format version, or a label
             map that does not fit the model.
     """
+    if not str(path):
+        raise FileNotFoundError("no checkpoint path given")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -74,6 +76,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a Lightning checkpoint dict")
     extras = checkpoint.get(CHECKPOINT_KEY)
     hparams = checkpoint.get("hyper_parameters")
+    if {"format", "tokenizer", "weights"} <= checkpoint.keys() and "state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"{path}: is a pretrained encoder (scripts/pretrain_imdb.py), not a classifier checkpoint: "
+            "fine-tune from it with `gru-nlp fit --model.encoder_path`"
+        )
     if not isinstance(extras, dict) or not isinstance(hparams, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(
             f"{path}: not a gru-nlp checkpoint (it needs 'hyper_parameters', 'state_dict' and a "

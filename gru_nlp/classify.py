@@ -13,7 +13,8 @@ for a text with nothing to read, and ``"explanation"`` with ``--explain``).
 * ``.csv``: the ``--text-field`` column (default ``text``), with a header row; an empty or
   missing cell is an empty text.
 * ``.tsv``: the same, tab-separated.
-* ``.jsonl``: one JSON object per line, its ``--text-field`` field; blank lines are skipped.
+* ``.jsonl``: one JSON object per line, its ``--text-field`` field (a null is an empty text);
+  blank lines are skipped.
 * ``.json``: one JSON list, of strings or of objects with the ``--text-field`` field.
 * ``.parquet``: the ``--text-field`` column, which must hold strings; a null is an empty text.
 * anything else, and stdin (``--input -``, or no texts given): plain text, one text per
@@ -105,6 +106,8 @@ def run(args: argparse.Namespace) -> None:
         args.input = None
     if args.texts and args.input is not None:
         raise ValueError("give texts as arguments or --input, not both")
+    if args.input is not None and args.input.is_dir():
+        raise ValueError(f"--input {args.input} is a folder: name the file of texts")
     if args.input is not None and not args.input.is_file():
         raise FileNotFoundError(f"input file not found: {args.input}")
     if args.output is not None and args.output.is_dir():
@@ -286,6 +289,8 @@ def _field_text(record: object, text_field: str, where: str) -> str:
         raise InputError(f"{where}: not a JSON object with field {text_field!r}")
     if text_field not in record:
         raise InputError(f"{where}: no field {text_field!r}; choose one with --text-field")
+    if record[text_field] is None:  # as a null in parquet or an empty csv field: an empty text
+        return ""
     if not isinstance(record[text_field], str):
         raise InputError(f"{where}: field {text_field!r} is not a string")
     return record[text_field]

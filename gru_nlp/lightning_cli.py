@@ -100,6 +100,8 @@ class GruNlpCLI(LightningCLI):
             return
         # LightningCLI reads --ckpt_path with torch.load straight after this; read it first, so
         # that a missing, truncated or foreign file gets a line naming it, not a traceback.
+        if Path(ckpt_path).is_dir():
+            raise CheckpointError(f"--ckpt_path {ckpt_path} is a folder: name a .ckpt file (`gru-nlp fit` prints the best one's path)")
         if not Path(ckpt_path).is_file():
             raise CheckpointError(f"--ckpt_path {ckpt_path}: no such file")
         checkpoint = load_checkpoint(ckpt_path)
@@ -135,6 +137,12 @@ class GruNlpCLI(LightningCLI):
         if subcommand == "fit":
             _check_resumed_model_settings(config.model, checkpoint.get("hyper_parameters", {}), ckpt_path)
         elif subcommand in _SCORING_SUBCOMMANDS:
+            trained_model = checkpoint.get("hyper_parameters", {})
+            names = sorted(trained_model.keys() - _MODEL_SETTINGS_A_RESUME_IGNORES)
+            differing = [f"{name} {trained_model[name]!r} (not {config.model[name]!r})" for name in names
+                         if name in config.model and config.model[name] != trained_model[name]]  # fmt: skip
+            if differing:  # LightningCLI puts the checkpoint's settings in the config: say so
+                rank_zero_info(f"Scoring with the checkpoint's model settings: {', '.join(differing)}")
             # On the fit's own data, a validation split carved from training must be the one it held out.
             trained_data = checkpoint.get("datamodule_hyper_parameters", {})
             same_data = _same_source(trained_data.get("path"), config.data.path) and trained_data.get("name") == config.data.name

@@ -95,6 +95,13 @@ def test_texts_of_the_wrong_type_name_the_type(classifier, texts):
         classifier.predict(["good", 5])
 
 
+def test_a_device_that_is_no_name_or_holds_no_weights_is_refused(tiny_checkpoint):
+    with pytest.raises(TypeError, match="device must be a name such as 'auto'"):
+        TextClassifier.from_checkpoint(tiny_checkpoint, device=None)
+    with pytest.raises(ValueError, match="device 'meta' holds no weights"):
+        TextClassifier.from_checkpoint(tiny_checkpoint, device="meta")
+
+
 def test_a_table_or_a_mapping_is_refused_not_read_as_its_column_names(classifier):
     import pandas as pd
 

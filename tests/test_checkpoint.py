@@ -52,6 +52,14 @@ def test_directory(tmp_path):
         load_checkpoint(tmp_path)
 
 
+def test_no_path_and_a_pretrained_encoder_file_are_named_for_what_they_are(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint path given"):
+        load_checkpoint("")
+    torch.save({"format": 1, "tokenizer": "{}", "weights": {}}, tmp_path / "encoder.pt")  # as pretrain_imdb.py saves
+    with pytest.raises(CheckpointError, match="is a pretrained encoder .* --model.encoder_path"):
+        load_checkpoint(tmp_path / "encoder.pt")
+
+
 def test_pickle_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.ckpt"

@@ -90,6 +90,12 @@ def test_stdin_is_read_as_utf8_without_its_byte_order_mark_and_bad_bytes_are_an_
     )
 
 
+def test_a_jsonl_null_is_an_empty_text_as_in_parquet_and_csv(tiny_checkpoint, capsys, tmp_path):
+    source = _write(tmp_path / "t.jsonl", '{"text": "good"}\n{"text": null}\n')
+    code, printed, _ = run(capsys, ["--ckpt", str(tiny_checkpoint), "--input", str(source)])
+    assert code == 0 and [(r["text"], r.get("empty", False)) for r in printed] == [("good", False), ("", True)]
+
+
 def test_a_csv_quote_left_open_is_an_error_not_a_text_that_swallows_the_rows_after_it(tiny_checkpoint, capsys, tmp_path):
     source = _write(tmp_path / "open.csv", 'id,text\n1,good film\n2,"bad film\n3,awful\n4,loved it\n')
     code, printed, err = run(capsys, ["--ckpt", str(tiny_checkpoint), "--input", str(source)])
@@ -162,6 +168,7 @@ def test_explain_adds_word_weights(tiny_checkpoint, capsys):
         (lambda tmp, ckpt: ["--ckpt", str(tmp / "missing.ckpt"), "x"], "checkpoint not found"),
         (lambda tmp, ckpt: ["--ckpt", str(_write(tmp / "bad.ckpt", "not a checkpoint")), "x"], "not a PyTorch checkpoint"),
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(tmp / "none.txt")], "input file not found"),
+        (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(tmp)], "is a folder: name the file of texts"),
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_write(tmp / "t.csv", "a,b\n1,2\n"))], "no column 'text'"),
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_write(tmp / "t.jsonl", '{"body": "x"}\n'))], "no field 'text'"),
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_write(tmp / "t.jsonl", '{"text": "a"}\n{"text": \n'))], "t.jsonl:2: not a JSON line"),
@@ -185,6 +192,7 @@ def test_explain_adds_word_weights(tiny_checkpoint, capsys):
         "missing-ckpt",
         "bad-ckpt",
         "missing-input",
+        "input-folder",
         "csv-column",
         "jsonl-field",
         "jsonl-syntax",

@@ -7,6 +7,7 @@ SIGKILL mid-epoch, resume it, and compare it with an uninterrupted run of the sa
 
 import csv
 import json
+import logging
 import os
 import shutil
 import signal
@@ -235,10 +236,14 @@ def test_testing_a_checkpoint_uses_the_label_names_it_was_trained_with(tmp_path,
     assert f"{best}: was trained with the labels ['pos', 'neg']" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("content, message", [(None, "no such file"), (b"PK\x03\x04 cut short", "truncated or corrupt")])
+@pytest.mark.parametrize(
+    "content, message", [(None, "no such file"), (b"PK\x03\x04 cut short", "truncated or corrupt"), ("folder", "is a folder")]
+)
 def test_an_unreadable_ckpt_path_is_one_line_naming_it(tmp_path, capsys, content, message):
     ckpt = tmp_path / "model.ckpt"
-    if content is not None:
+    if content == "folder":
+        ckpt.mkdir()
+    elif content is not None:
         ckpt.write_bytes(content)
     with pytest.raises(SystemExit) as refused:
         run_cli(["test", *tiny_args(tmp_path, "--ckpt_path", str(ckpt))[1:]])
@@ -260,14 +265,18 @@ def test_scoring_without_a_checkpoint_file_is_refused(tmp_path, capsys, subcomma
     assert not (tmp_path / "cache").exists()  # refused before any data was read
 
 
-def test_testing_a_checkpoint_encodes_text_as_it_was_trained(tmp_path, capsys):
+def test_testing_a_checkpoint_encodes_text_as_it_was_trained(tmp_path, caplog):
     fit = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1", "--data.max_length", "6", "--data.truncation", "head"))
     best = fit.trainer.checkpoint_callback.best_model_path
     (expected,) = fit.trainer.test(ckpt_path=best, datamodule=fit.datamodule, verbose=False)
-    # tiny.yaml says max_length 64 and the default truncation is head_tail: the checkpoint's settings win.
-    tested = run_cli(["test", *tiny_args(tmp_path, "--ckpt_path", best)[1:]])
+    # tiny.yaml says max_length 64 and the default truncation is head_tail: the checkpoint's settings win,
+    # as they do for model settings (hidden_size 16 in tiny.yaml), each named in a line.
+    with caplog.at_level(logging.INFO):
+        tested = run_cli(["test", *tiny_args(tmp_path, "--ckpt_path", best, "--model.hidden_size", "8")[1:]])
     assert (tested.datamodule.hparams.max_length, tested.datamodule.hparams.truncation) == (6, "head")
     assert tested.trainer.callback_metrics["test/loss"].item() == pytest.approx(expected["test/loss"])
+    assert "Using the checkpoint's data.max_length 6, not 64" in caplog.text
+    assert "Scoring with the checkpoint's model settings: hidden_size 16 (not 8)" in caplog.text
 
 
 def test_validate_scores_the_side_weights_the_checkpoint_was_saved_with(tmp_path):
