@@ -433,11 +433,15 @@ class TextDataModule(L.LightningDataModule):
         renamed = {value: names[i] for value, i in label_ids.items() if isinstance(value, int) and str(value) != names[i]}
         shown = ", ".join(f"{value!r} is {name!r}" for value, name in sorted(renamed.items())[:10])
         line = f"data: classes {names}" + (f" (label {shown}{', ...' if len(renamed) > 10 else ''})" if renamed else "")
+        training_texts = set(splits["train"]["text"]) if "train" in splits else set()
         for role in ("train", "val", "test"):
             if role in splits:
                 counts = Counter(splits[role]["labels"])
                 source = "" if named[role] == role else f" ({named[role]})"
-                line += f"; {role}{source} {len(splits[role]):,} rows ({' / '.join(f'{counts[i]:,}' for i in range(len(names)))})"
+                shown = " / ".join(f"{counts[i]:,}" for i in range(len(names)))
+                if role != "train" and (seen := sum(text in training_texts for text in splits[role]["text"])):
+                    shown += f"; {seen:,} of its texts also in train"  # duplicates: scored on what was trained on
+                line += f"; {role}{source} {len(splits[role]):,} rows ({shown})"
         return line
 
     def _labelled_split(
@@ -445,7 +449,9 @@ class TextDataModule(L.LightningDataModule):
     ) -> Dataset:
         """The `kept` rows of `dataset` as columns `text`, `labels` (class ids, by `label_ids`) and `source_row`."""
         hp = self.hparams
-        _check_labels(labels, kept, label_ids, dataset.features[hp.label_field], self._label_names, split, source)
+        feature = dataset.features[hp.label_field]
+        given = self._requested_label_names is not None
+        _check_labels(labels, kept, label_ids, feature, self._label_names, split, source, given)
         skipped = len(kept) < len(dataset)
         if skipped:
             dataset = dataset.select(kept)
@@ -502,7 +508,7 @@ class TextDataModule(L.LightningDataModule):
                 kept, val = carved["train"], carved["test"]
             else:
                 if hp.val_carve == "tail":
-                    train_rows, val_rows = _tail_rows(train["labels"], val_size)
+                    train_rows, val_rows = _tail_rows(train["labels"], val_size, self._label_names)
                 else:
                     train_rows, val_rows = _sentence_rows(train["text"], train["labels"], val_size, hp.seed)
                     log.info(
@@ -515,7 +521,7 @@ class TextDataModule(L.LightningDataModule):
         except ValueError as err:  # e.g. a class with one example cannot be on both sides
             raise DataError(
                 f"cannot carve a stratified validation split (val_size={hp.val_size}) from split "
-                f"{hp.train_split!r} of {source}: {err} Set val_split, or a val_size "
+                f"{hp.train_split!r} of {source}: {str(err).rstrip('.')}. Set val_split, or a val_size "
                 "that leaves examples of every class on both sides."
             ) from err
         self._check_carve_keeps_every_class(train, kept, source)
@@ -598,11 +604,11 @@ def load_texts(path: str, splits: Collection[str], text_field: str = "text", cac
     return texts
 
 
-def _tail_rows(labels: list[int], val_size: float) -> tuple[list[int], list[int]]:
+def _tail_rows(labels: list[int], val_size: float, names: list[str] | None = None) -> tuple[list[int], list[int]]:
     """Row numbers (train, validation): each class's last rows, in proportion to its share, validate.
 
     `val_size` is a fraction below 1 (of all rows, rounded up) or a count, shared out
-    between the classes by largest remainder.
+    between the classes by largest remainder. `names` name the classes in errors.
     """
     total = math.ceil(val_size * len(labels)) if val_size < 1 else int(val_size)
     rows_by_class: dict[int, list[int]] = defaultdict(list)
@@ -614,7 +620,8 @@ def _tail_rows(labels: list[int], val_size: float) -> tuple[list[int], list[int]
         counts[label] += 1
     for label, rows in rows_by_class.items():
         if not 0 < counts[label] < len(rows):
-            raise DataError(f"class {label} has {len(rows)} rows, so its share of validation would be {counts[label]}.")
+            name = repr(names[label]) if names else label
+            raise DataError(f"class {name} has {len(rows)} rows, so its share of validation would be {counts[label]}.")
     val_rows = sorted(row for label, rows in rows_by_class.items() for row in rows[len(rows) - counts[label] :])
     val_set = set(val_rows)
     return [row for row in range(len(labels)) if row not in val_set], val_rows
@@ -758,7 +765,11 @@ def _load_split_files(split: str, files: list[Path], cache_dir: str | None) -> D
             **options,
         )
     except Exception as err:  # datasets raises anything from StopIteration to ArrowInvalid here
-        detail = err.__cause__ or err  # DatasetGenerationError says only "An error occurred"
+        detail = " ".join(str(err.__cause__ or err).split())  # DatasetGenerationError says only "An error occurred"
+        if "corresponds to no data" in detail:  # datasets' words for a split of no rows
+            detail = "it has no rows"
+        elif builder == "csv" and "Error tokenizing data" in detail:
+            detail += " (is it comma-separated? A tab-separated file is read as such when named .tsv)"
         raise DataError(f"could not read {', '.join(map(str, files))} as {builder}: {detail}") from err
 
 
@@ -929,6 +940,7 @@ def _label_ids(
     elif all(isinstance(label, str) for label in labels):
         names = label_names or sorted(set(labels))
         ids = {name: i for i, name in enumerate(names)}
+        _warn_of_near_duplicate_classes(sorted(set(labels)), split, source)
     elif all(isinstance(label, int | float) and float(label).is_integer() for label in labels):
         # Booleans stay booleans, named "False" and "True" (ids 0 and 1, unless label_names name them).
         values = sorted({label if isinstance(label, bool) else int(label) for label in labels})
@@ -942,6 +954,22 @@ def _label_ids(
     if len(names) < 2:
         raise DataError(f"split {split!r} ({source}) has only the classes {names}: a classifier needs two or more")
     return list(names), ids
+
+
+def _warn_of_near_duplicate_classes(values: list[str], split: str, source: str) -> None:
+    """Warn of label values that differ only in case or surrounding spaces ("pos", "Pos", "pos "):
+    each is a class of its own, which is seldom what was meant."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for value in values:
+        groups[value.strip().casefold()].append(value)
+    for group in (group for group in groups.values() if len(group) > 1):
+        log.warning(
+            "labels %s of split %r (%s) differ only in case or spaces, and are %d classes",
+            ", ".join(map(repr, group)),
+            split,
+            source,
+            len(group),
+        )
 
 
 def _split_label_ids(
@@ -968,7 +996,14 @@ def _split_label_ids(
 
 
 def _check_labels(
-    labels: list, rows: list[int], label_ids: dict[Any, int], feature: Any, class_names: list[str], split: str, source: str
+    labels: list,
+    rows: list[int],
+    label_ids: dict[Any, int],
+    feature: Any,
+    class_names: list[str],
+    split: str,
+    source: str,
+    names_given: bool = False,
 ) -> None:
     for row, label in zip(rows, labels, strict=True):
         if not isinstance(label, str | int | float) or label not in label_ids:
@@ -976,7 +1011,8 @@ def _check_labels(
             shown = f"{label!r} ({feature.names[label]!r})" if named else repr(label)
             values = list(label_ids)
             classes = repr(class_names) if values == class_names else f"{class_names} (label values {values})"
-            raise DataError(f"label {shown} at row {row} of split {split!r} ({source}) is not one of the classes {classes}")
+            given = " that label_names gives (a config's label_names fit only its own dataset)" if names_given else ""
+            raise DataError(f"label {shown} at row {row} of split {split!r} ({source}) is not one of the classes {classes}{given}")
 
 
 def _standardize(

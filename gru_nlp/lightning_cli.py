@@ -334,10 +334,11 @@ def _checkpoint_tokenizer(checkpoint: dict, ckpt_path: str, cache_dir: str | Non
     return str(path)
 
 
-def run_cli(args: list[str] | None = None, **kwargs) -> GruNlpCLI:
+def run_cli(args: list[str] | None = None, program: str = "gru-nlp", **kwargs) -> GruNlpCLI:
     """Build (and by default run) the CLI with the project's defaults; kwargs go to LightningCLI.
 
     ``args`` are the command-line arguments after the program name; None reads ``sys.argv``.
+    ``program`` names the command in error messages.
 
     Unusable data, output folder, checkpoint, pretrained encoder, model setting or trainer setting (Lightning's
     MisconfigurationException: an accelerator this machine lacks) exits with status 2 and a one-line message; a SIGTERM during
@@ -356,7 +357,7 @@ def run_cli(args: list[str] | None = None, **kwargs) -> GruNlpCLI:
             **kwargs,
         )
     except USER_ERRORS as err:
-        print(f"gru-nlp: error: {err}", file=sys.stderr)
+        print(f"{program}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except SIGTERMException:
         # Lightning's SIGTERMException is a SystemExit with status 0: a scheduler would think the run finished.

@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 START = time.perf_counter()
 
@@ -47,8 +48,13 @@ class ValidationLog(L.Callback):
 
 def main(argv: list[str]) -> None:
     validations = ValidationLog()
+    # The arguments are this script's own, passed on: LightningCLI's warning about giving both is moot.
+    warnings.filterwarnings("ignore", message=".*not recommended to provide both args and command line arguments")
     cli = run_cli(
-        ["--config", "configs/imdb.yaml", "--checkpoint.save_top_k", "-1", *argv], extra_callbacks=[validations], run=False
+        ["--config", "configs/imdb.yaml", "--checkpoint.save_top_k", "-1", *argv],
+        program="train_imdb",
+        extra_callbacks=[validations],
+        run=False,
     )
     try:
         if cli.datamodule.hparams.test_split is None:

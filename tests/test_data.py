@@ -233,7 +233,7 @@ def test_a_tail_carve_shares_a_count_out_by_class_size():
 
 def test_a_class_too_small_for_a_tail_carve_is_an_error_naming_the_file(tmp_path):
     path = write(tmp_path / "data" / "train.jsonl", TRAIN + [{"text": "A lone meh.", "label": "meh"}])
-    with pytest.raises(ValueError, match="cannot carve a stratified validation split .*train.jsonl"):
+    with pytest.raises(ValueError, match=r"cannot carve a stratified validation split .*train.jsonl: class 'meh' has 1 rows.* Set val_split"):
         data_module(path, tmp_path, val_size=0.2, val_carve="tail", test_split=None).num_classes
     with pytest.raises(ValueError, match="val_carve must be 'random', 'tail' or 'sentences'"):
         data_module(path, tmp_path, val_carve="last")
@@ -533,6 +533,12 @@ def test_empty_data_is_an_error(tmp_path):
     (tmp_path / "empty.jsonl").touch()
     with pytest.raises(ValueError, match="empty.jsonl is empty"):
         data_module(tmp_path / "empty.jsonl", tmp_path, test_split=None).num_classes
+    (tmp_path / "header.csv").write_text("text,label\n")
+    with pytest.raises(ValueError, match="could not read .*header.csv as csv: it has no rows$"):
+        data_module(tmp_path / "header.csv", tmp_path, test_split=None).num_classes
+    (tmp_path / "semicolons.csv").write_text("text;label\ngood;pos\nbad; a film, dull;neg\n")
+    with pytest.raises(ValueError, match=r"semicolons.csv as csv: Error tokenizing data.* \(is it comma-separated\?"):
+        data_module(tmp_path / "semicolons.csv", tmp_path, test_split=None).num_classes
     write(tmp_path / "blank.jsonl", [{"text": " ", "label": "pos"}])
     with pytest.raises(ValueError, match="split 'train' of .*blank.jsonl has no rows with text"):
         data_module(tmp_path / "blank.jsonl", tmp_path, test_split=None).num_classes
@@ -699,3 +705,19 @@ def test_one_line_says_what_was_read_classes_label_values_and_rows_per_class(tmp
         "data: classes ['neg', 'pos'] (label 0 is 'neg', 1 is 'pos'); train 16 rows (8 / 8); "
         "val (carved from train, random) 4 rows (2 / 2); test 4 rows (3 / 1)"
     ]
+
+
+def test_labels_that_differ_only_in_case_or_spaces_are_warned_of(tmp_path, caplog):
+    rows = TRAIN + [{"text": "Superb, the film.", "label": "Pos"}, {"text": "A moving film.", "label": "pos "}] * 2
+    write(tmp_path / "data" / "train.jsonl", rows)
+    with caplog.at_level(logging.WARNING):
+        assert data_module(tmp_path / "data", tmp_path, test_split=None, val_size=6).label_names == ["Pos", "neg", "pos", "pos "]
+    assert "labels 'Pos', 'pos', 'pos ' of split 'train'" in caplog.text and "are 3 classes" in caplog.text
+
+
+def test_the_line_on_what_was_read_counts_the_texts_that_are_also_in_training(tmp_path, tokenizer_path, caplog):
+    write(tmp_path / "data" / "train.jsonl", TRAIN)
+    write(tmp_path / "data" / "test.jsonl", TEST + TRAIN[:2])
+    with caplog.at_level(logging.INFO):
+        data_module(tmp_path / "data", tmp_path, tokenizer_path=tokenizer_path, val_carve="tail", val_size=2).setup("fit")
+    assert "test 8 rows (5 / 3; 2 of its texts also in train)" in caplog.text

@@ -1,5 +1,6 @@
 """Encoder pretraining: the sampled softmax, the bidirectional language model, and fine-tuning from it."""
 
+import json
 import math
 import os
 import subprocess
@@ -272,3 +273,19 @@ def test_load_texts_names_a_missing_text_column_and_its_split(tmp_path):
     with pytest.raises(DataError, match=r"train.jsonl \(split 'train'\) has no column 'text' \(columns: review, label\)"):
         load_texts(str(tmp_path), ["train"], cache_dir=str(tmp_path / "cache"))
     assert load_texts(str(tmp_path), ["train"], text_field="review", cache_dir=str(tmp_path / "cache")) == ["a fine film"]
+
+
+def test_train_imdb_names_itself_and_label_names_in_a_label_error(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in (REPO / f"tests/fixtures/tiny/{split}.jsonl").read_text().splitlines()]
+        text = "".join(json.dumps({"text": row["text"], "label": row["label"] + "itive"}) + "\n" for row in rows)
+        (data / f"{split}.jsonl").write_text(text)  # "negitive" and "positive": not imdb.yaml's neg and pos
+    result = _run(
+        "scripts/train_imdb.py", "--config", "configs/tiny.yaml", "--data.path", str(data),
+        "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert result.returncode == 2 and "not recommended to provide both args" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("train_imdb: error: label ") and "is not one of the classes ['neg', 'pos'] that label_names gives" in last
