@@ -188,9 +188,8 @@ class TextDataModule(L.LightningDataModule):
             raise DataError(f"val_carve must be 'random', 'tail' or 'sentences', got {val_carve!r}")
         if text_field == label_field:
             raise DataError(f"text_field and label_field are both {text_field!r}: the labels would be the texts")
-        for arg, split in (("val_split", val_split), ("test_split", test_split)):
-            if split is not None and split == train_split:
-                raise DataError(f"{arg}={split!r} is also the train_split: it would score the rows the model trains on")
+        if val_split is not None and val_split == train_split:
+            raise DataError(f"val_split={val_split!r} is also the train_split: it would score the rows the model trains on")
         if cache_dir is not None:
             tokenizer_cache_folder(cache_dir)  # before minutes of loading, not after
         if label_names is not None and len(set(label_names)) < len(label_names):
@@ -379,6 +378,8 @@ class TextDataModule(L.LightningDataModule):
         if self._splits is not None:
             return self._splits
         hp = self.hparams
+        if hp.test_split == hp.train_split:  # predicting it, or testing a checkpoint on it alone, is allowed
+            raise DataError(f"test_split={hp.test_split!r} is also the train_split: it would score the rows the model trains on")
         wanted = {hp.train_split, hp.val_split or "validation", hp.test_split} - {None}
         raw, sources = _load_raw_splits(hp.path, hp.name, wanted, hp.cache_dir)
         for arg in ("train_split", "val_split", "test_split"):

@@ -668,9 +668,15 @@ def test_an_acl_imdb_test_folder_without_one_class_holds_the_others(tmp_path, to
         ({"text_field": "label"}, "text_field and label_field are both 'label'"),
     ],
 )
-def test_settings_that_would_score_training_rows_or_learn_the_text_are_errors(settings, message):
+def test_settings_that_would_score_training_rows_or_learn_the_text_are_errors(tmp_path, settings, message):
     with pytest.raises(DataError, match=re.escape(message)):
-        TextDataModule(str(TINY), **settings)
+        data_module(TINY, tmp_path, **settings).num_classes
+
+
+def test_predicting_the_training_split_is_allowed(tmp_path, tokenizer_path):
+    dm = data_module(TINY, tmp_path, tokenizer_path=tokenizer_path, label_names=["neg", "pos"], test_split="train")
+    dm.setup("predict")
+    assert len(dm.predict_texts()[1]) == 120  # every training text
 
 
 def test_a_carve_that_takes_every_row_of_a_class_is_an_error_naming_it(tmp_path):
