@@ -419,8 +419,7 @@ class TextDataModule(L.LightningDataModule):
             split_ids = _split_label_ids(labels, feature, train_feature, label_ids, self._label_names)
             splits[role] = self._labelled_split(dataset, kept, labels, split_ids, split, sources[split])
 
-        carved = "val" not in splits
-        if carved:
+        if "val" not in splits:
             splits["train"], splits["val"] = self._carve_validation(splits["train"], sources[hp.train_split])
             named["val"] = f"carved from {hp.train_split}, {hp.val_carve}"
         rank_zero_info(self._summary(splits, named, label_ids))
@@ -434,13 +433,13 @@ class TextDataModule(L.LightningDataModule):
         renamed = {value: names[i] for value, i in label_ids.items() if isinstance(value, int) and str(value) != names[i]}
         shown = ", ".join(f"{value!r} is {name!r}" for value, name in sorted(renamed.items())[:10])
         line = f"data: classes {names}" + (f" (label {shown}{', ...' if len(renamed) > 10 else ''})" if renamed else "")
-        training_texts = set(splits["train"]["text"]) if "train" in splits else set()
+        training_texts = set(_text_hashes(splits["train"])) if "train" in splits else set()
         for role in ("train", "val", "test"):
             if role in splits:
                 counts = Counter(splits[role]["labels"])
                 source = "" if named[role] == role else f" ({named[role]})"
                 shown = " / ".join(f"{counts[i]:,}" for i in range(len(names)))
-                if role != "train" and (seen := sum(text in training_texts for text in splits[role]["text"])):
+                if role != "train" and (seen := sum(text in training_texts for text in _text_hashes(splits[role]))):
                     shown += f"; {seen:,} of its texts also in train"  # duplicates: scored on what was trained on
                 line += f"; {role}{source} {len(splits[role]):,} rows ({shown})"
         return line
@@ -603,6 +602,12 @@ def load_texts(path: str, splits: Collection[str], text_field: str = "text", cac
             raise DataError(f"{sources[split]} (split {split!r}) has no column {text_field!r} (columns: {columns})")
         texts += [text for text in _column_values(loaded[split], text_field) if isinstance(text, str) and text.strip()]
     return texts
+
+
+def _text_hashes(dataset: Dataset) -> Iterator[int]:
+    """A hash of each text, read a batch at a time (a million long texts are never held at once)."""
+    for batch in dataset.select_columns("text").iter(batch_size=10_000):
+        yield from map(hash, batch["text"])
 
 
 def _tail_rows(labels: list[int], val_size: float, names: list[str] | None = None) -> tuple[list[int], list[int]]:
