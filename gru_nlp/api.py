@@ -79,8 +79,9 @@ class Prediction:
     empty: bool = False
 
     def to_dict(self) -> dict[str, object]:
-        """The JSON-ready form used by ``gru-nlp classify``."""
-        return {"text": self.text, "label": self.label, "score": self.score, "probs": self.probs}
+        """The JSON-ready form used by ``gru-nlp classify``; ``"empty": True`` marks a text with nothing to read."""
+        record = {"text": self.text, "label": self.label, "score": self.score, "probs": self.probs}
+        return record | {"empty": True} if self.empty else record
 
 
 @dataclass(frozen=True)

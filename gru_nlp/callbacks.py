@@ -1,4 +1,5 @@
-"""Lightning callbacks and the checkpoint writer: epoch summary, preflight checks, resumable and atomic checkpoints.
+"""Lightning callbacks and the checkpoint writer: epoch summary, predictions file, weight averaging (EMA),
+preflight checks, resumable and atomic checkpoints.
 
 How Lightning 2.6 behaves, read from its source, and what this module changes:
 

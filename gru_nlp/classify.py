@@ -43,7 +43,7 @@ from gru_nlp.files import atomic_write
 
 # Texts read and classified together; bounds memory on huge inputs while keeping batches full.
 CHUNK_SIZE = 2048
-# Below this many texts a progress bar is noise.
+# Below this many texts given as arguments a progress bar is noise (a file always shows one: its size is unknown).
 PROGRESS_MIN_TEXTS = 2000
 # --input extensions read as columns or fields (--text-field); any other is read as plain lines.
 COLUMN_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
@@ -148,8 +148,6 @@ def write_lines(
     while chunk := list(islice(iterator, CHUNK_SIZE)):
         for prediction in classifier.predict(chunk, batch_size=args.batch_size):
             record = prediction.to_dict()
-            if prediction.empty:
-                record["empty"] = True
             if args.explain:
                 explanation = classifier.explain(prediction.text, method=args.method)
                 record["explanation"] = {
@@ -173,7 +171,7 @@ def _stdin_lines() -> Iterator[str]:
     the locale is C), a byte-order mark skipped."""
     stream = sys.stdin
     if hasattr(stream, "buffer"):  # a real stream, not a StringIO
-        stream = io.TextIOWrapper(stream.buffer, encoding="utf-8-sig", errors="strict")
+        stream = io.TextIOWrapper(stream.buffer, encoding="utf-8-sig", errors="strict", newline="\n")
     try:
         for line in stream:
             yield line.rstrip("\r\n")
@@ -207,7 +205,8 @@ def _read_texts(path: Path, text_field: str) -> Iterator[str]:
         return
     delimited = suffix in (".csv", ".tsv")
     # "utf-8-sig" skips a byte-order mark, which would otherwise be part of the first column's name.
-    with path.open(encoding="utf-8-sig", newline="" if delimited else None) as file:
+    # Lines end at "\n" only (a "\r\n" ending is stripped below): a lone "\r" inside a text does not split it.
+    with path.open(encoding="utf-8-sig", newline="" if delimited else "\n") as file:
         if delimited:
             # Reviews can be long: lift the csv module's default 128 KiB limit per field.
             csv.field_size_limit(min(sys.maxsize, 2**31 - 1))

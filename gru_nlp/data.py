@@ -125,7 +125,8 @@ class TextDataModule(L.LightningDataModule):
         label_names: The class names, in id order (see Labels above).
         train_split: The split to train on.
         val_split: The split to validate on; None picks one (see Validation above).
-        test_split: The split to test and predict on, or None for none.
+        test_split: The split to test and predict on, or None for none (`predict` then reads
+            the validation split: `val_split`, else the source's, else the carve).
         val_size: The part of the training split carved off for validation when
             there is no validation split: a fraction below 1, or a count.
         val_carve: Which rows `val_size` carves off: `"random"`, `"tail"` or
@@ -247,12 +248,9 @@ class TextDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Encode the splits, in one process, so that `setup` on each rank reads the cache: the
-        split that `test` or `predict` scores, else every configured split."""
-        trainer = self.trainer
-        if trainer is not None and (trainer.testing or trainer.predicting):
-            roles = _STAGE_ROLES["test" if trainer.testing else "predict"]
-        else:
-            roles = self._text_splits()
+        split that `validate`, `test` or `predict` scores, else every configured split."""
+        stage = self.trainer.state.fn if self.trainer is not None else None
+        roles = _STAGE_ROLES[stage.value] if stage is not None and stage.value != "fit" else self._text_splits()
         for role in roles:
             self._encoded_split(role)
 
@@ -519,10 +517,11 @@ class TextDataModule(L.LightningDataModule):
                     )
                 kept, val = train.select(train_rows), train.select(val_rows)
         except ValueError as err:  # e.g. a class with one example cannot be on both sides
+            # A DataError (too many texts for the sentence carve) already says what to do.
+            advice = "" if isinstance(err, DataError) else " Set val_split, or a val_size that leaves examples of every class on both sides."
             raise DataError(
-                f"cannot carve a stratified validation split (val_size={hp.val_size}) from split "
-                f"{hp.train_split!r} of {source}: {str(err).rstrip('.')}. Set val_split, or a val_size "
-                "that leaves examples of every class on both sides."
+                f"cannot carve a validation split (val_size={hp.val_size}, val_carve={hp.val_carve!r}) from split "
+                f"{hp.train_split!r} of {source}: {str(err).rstrip('.')}.{advice}"
             ) from err
         self._check_carve_keeps_every_class(train, kept, source)
         return kept, val
@@ -627,7 +626,7 @@ def _tail_rows(labels: list[int], val_size: float, names: list[str] | None = Non
     for label, rows in rows_by_class.items():
         if not 0 < counts[label] < len(rows):
             name = repr(names[label]) if names else label
-            raise DataError(f"class {name} has {len(rows)} rows, so its share of validation would be {counts[label]}.")
+            raise ValueError(f"class {name} has {len(rows)} rows, so its share of validation would be {counts[label]}.")
     val_rows = sorted(row for label, rows in rows_by_class.items() for row in rows[len(rows) - counts[label] :])
     val_set = set(val_rows)
     return [row for row in range(len(labels)) if row not in val_set], val_rows
@@ -990,6 +989,9 @@ def _split_label_ids(
     """
     if not isinstance(feature, ClassLabel) or feature == train_feature:
         distinct = {label for label in labels if isinstance(label, str | int | float)}  # a JSON list is no label
+        if isinstance(train_feature, ClassLabel) and not isinstance(feature, ClassLabel):
+            # The training ids have names: labels written as those names (a csv's "neg") are matched by them.
+            label_ids = label_ids | {train_feature.names[value]: class_id for value, class_id in label_ids.items()}
         by_text = {str(value): class_id for value, class_id in label_ids.items()}
         if not distinct <= label_ids.keys() and all(str(label) in by_text for label in distinct):
             return {label: by_text[str(label)] for label in distinct}

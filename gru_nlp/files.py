@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,11 +24,19 @@ def atomic_write(path: Path, binary: bool = False, sync: bool = False) -> Iterat
     before the rename, so that a power cut cannot leave an empty file under the name.
 
     As with `open`, a symbolic link is written through (its target gets the new content), and a
-    `path` that is not a regular file (``/dev/stdout``, a named pipe, ``/dev/null``) is written
-    to directly: renaming over it would replace the device or pipe with a file.
+    `path` that is not a regular file (a named pipe, ``/dev/null``) is written to directly:
+    renaming over it would replace the device or pipe with a file. ``/dev/stdout``, ``/dev/stderr``
+    and ``/dev/fd/N`` are written through the stream they name, where it stands, even when it was
+    redirected to a file.
     """
     path = Path(path)
     mode, encoding = ("wb", {}) if binary else ("w", {"encoding": "utf-8"})
+    descriptor = _stream_descriptor(path)
+    if descriptor is not None:  # write through the open stream (sharing its position), never reopen its file
+        sys.stdout.flush()
+        with os.fdopen(os.dup(descriptor), mode, **encoding) as file:
+            yield file
+        return
     if _is_special(path):
         with open(path, mode, **encoding) as file:
             yield file
@@ -49,6 +59,14 @@ def atomic_write(path: Path, binary: bool = False, sync: bool = False) -> Iterat
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _stream_descriptor(path: Path) -> int | None:
+    """The file descriptor that ``/dev/stdout``, ``/dev/stderr`` or ``/dev/fd/N`` names, if `path` is one."""
+    match = re.fullmatch(r"/dev/(stdout|stderr)|/(?:dev|proc/self)/fd/(\d+)", str(path))
+    if match is None:
+        return None
+    return {"stdout": 1, "stderr": 2}[match[1]] if match[1] else int(match[2])
 
 
 def _is_special(path: Path) -> bool:

@@ -48,7 +48,7 @@ _SCORING_SUBCOMMANDS = {"validate", "test", "predict"}
 _SETTINGS_THAT_KEEP_A_RUN = {"cache_dir", "num_workers", "tokenizer_path", "eval_batch_size"}
 # Model settings a resumed run may leave out or change: the pretrained encoder only started the
 # weights, which the checkpoint now holds; the rest are linked from the data.
-_MODEL_SETTINGS_A_RESUME_IGNORES = {"encoder_path", "vocab_size", "num_classes", "label_names", "pad_id"}
+_MODEL_SETTINGS_FROM_DATA_OR_FIRST_FIT = {"encoder_path", "vocab_size", "num_classes", "label_names", "pad_id"}
 # What unusable data, folders, checkpoints, encoders or settings raise: one line each, not a traceback.
 USER_ERRORS = (OutputFolderError, CheckpointError, DataError, EncoderError, SettingError, MisconfigurationException)
 # Precisions that cast the weights themselves to 16 bits (Lightning's "-true" plugins).
@@ -138,11 +138,10 @@ class GruNlpCLI(LightningCLI):
             _check_resumed_model_settings(config.model, checkpoint.get("hyper_parameters", {}), ckpt_path)
         elif subcommand in _SCORING_SUBCOMMANDS:
             trained_model = checkpoint.get("hyper_parameters", {})
-            names = sorted(trained_model.keys() - _MODEL_SETTINGS_A_RESUME_IGNORES)
-            differing = [f"{name} {trained_model[name]!r} (not {config.model[name]!r})" for name in names
-                         if name in config.model and config.model[name] != trained_model[name]]  # fmt: skip
+            differing = _differing_model_settings(config.model, trained_model)
             if differing:  # LightningCLI puts the checkpoint's settings in the config: say so
-                rank_zero_info(f"Scoring with the checkpoint's model settings: {', '.join(differing)}")
+                shown = ", ".join(f"{name} {trained_model[name]!r} (not {config.model[name]!r})" for name in differing)
+                rank_zero_info(f"Scoring with the checkpoint's model settings: {shown}")
             # On the fit's own data, a validation split carved from training must be the one it held out.
             trained_data = checkpoint.get("datamodule_hyper_parameters", {})
             same_data = _same_source(trained_data.get("path"), config.data.path) and trained_data.get("name") == config.data.name
@@ -272,21 +271,28 @@ def _check_resumed_model_settings(configured: Any, trained: dict, ckpt_path: str
     refuse a setting given another value, rather than drop it unsaid. A setting at its default
     may just not have been given (resuming without the fit's --config): a line names those."""
     defaults = {name: parameter.default for name, parameter in inspect.signature(LitClassifier).parameters.items()}
-    names = [name for name in sorted(trained.keys() - _MODEL_SETTINGS_A_RESUME_IGNORES) if name in configured]
-    at_default = [name for name in names if configured[name] != trained[name] and configured[name] == defaults.get(name)]
+    names = _differing_model_settings(configured, trained)
+    at_default = [name for name in names if configured[name] == defaults.get(name)]
     if at_default:
         kept = ", ".join(f"{name} {trained[name]!r}" for name in at_default)
         rank_zero_info(f"Resuming with the checkpoint's model settings, not the defaults: {kept}")
     changed = [
         f"model.{name} {configured[name]!r} (trained with {trained[name]!r})"
         for name in names
-        if configured[name] not in (trained[name], defaults.get(name))
+        if configured[name] != defaults.get(name)
     ]
     if changed:
         raise CheckpointError(
             f"--ckpt_path {ckpt_path}: resuming keeps the checkpoint's model settings, but this command sets "
             f"{', '.join(changed)}; leave them out to resume, or leave out --ckpt_path to start a new run"
         )
+
+
+def _differing_model_settings(configured: Any, trained: dict) -> list[str]:
+    """The model settings configured otherwise than a checkpoint was trained with, leaving out those
+    derived from the data (linked from it) or read only by a first fit (`encoder_path`)."""
+    names = sorted(trained.keys() - _MODEL_SETTINGS_FROM_DATA_OR_FIRST_FIT)
+    return [name for name in names if name in configured and configured[name] != trained[name]]
 
 
 def _same_source(first: str | None, second: str | None) -> bool:
@@ -362,7 +368,7 @@ def run_cli(args: list[str] | None = None, program: str = "gru-nlp", **kwargs) -
     except SIGTERMException:
         # Lightning's SIGTERMException is a SystemExit with status 0: a scheduler would think the run finished.
         print(
-            "gru-nlp: stopped by SIGTERM. A fit saved last.ckpt first (see the line above); "
+            f"{program}: stopped by SIGTERM. A fit saved last.ckpt first (see the line above); "
             "run the same command with --ckpt_path last to resume.",
             file=sys.stderr,
         )

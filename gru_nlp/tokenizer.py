@@ -7,13 +7,14 @@ function rely on the padding id being 0.
 """
 
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Literal
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from gru_nlp.files import atomic_write
 
 PAD_TOKEN = "[PAD]"
 UNK_TOKEN = "[UNK]"
@@ -110,21 +111,10 @@ def train_tokenizer(
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
-    """Save `tokenizer` as JSON at `path`, atomically.
-
-    The file is written beside its destination and then renamed, so a reader
-    (another process of a DDP run, say) sees either no file or a whole one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(tokenizer.to_str())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Save `tokenizer` as JSON at `path`, atomically (`gru_nlp.files.atomic_write`): a reader
+    (another process of a DDP run, say) sees either no file or a whole one."""
+    with atomic_write(Path(path)) as file:
+        file.write(tokenizer.to_str())
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

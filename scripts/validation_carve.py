@@ -42,9 +42,9 @@ def name_overlap(texts: list[str], pairs: int = 3000) -> tuple[float, float]:
         return len(names[a] & names[b]) / max(1, len(names[a] | names[b]))
 
     rng = random.Random(0)
-    rows = rng.sample(range(len(texts) - 1), pairs)
-    neighbours = sum(overlap(row, row + 1) for row in rows) / pairs
-    strangers = sum(overlap(row, rng.randrange(len(texts))) for row in rows) / pairs
+    rows = rng.sample(range(len(texts) - 1), min(pairs, len(texts) - 1))  # all neighbours of a small split
+    neighbours = sum(overlap(row, row + 1) for row in rows) / len(rows)
+    strangers = sum(overlap(row, rng.randrange(len(texts))) for row in rows) / len(rows)
     return neighbours, strangers
 
 

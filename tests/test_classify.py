@@ -90,6 +90,13 @@ def test_stdin_is_read_as_utf8_without_its_byte_order_mark_and_bad_bytes_are_an_
     )
 
 
+def test_a_lone_carriage_return_does_not_split_a_line(tiny_checkpoint, capsys, tmp_path):
+    source = tmp_path / "texts.txt"
+    source.write_bytes(b"first review\rstill the first\r\nsecond\n")
+    code, printed, _ = run(capsys, ["--ckpt", str(tiny_checkpoint), "--input", str(source)])
+    assert code == 0 and [r["text"] for r in printed] == ["first review\rstill the first", "second"]
+
+
 def test_a_jsonl_null_is_an_empty_text_as_in_parquet_and_csv(tiny_checkpoint, capsys, tmp_path):
     source = _write(tmp_path / "t.jsonl", '{"text": "good"}\n{"text": null}\n')
     code, printed, _ = run(capsys, ["--ckpt", str(tiny_checkpoint), "--input", str(source)])

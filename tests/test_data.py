@@ -233,7 +233,7 @@ def test_a_tail_carve_shares_a_count_out_by_class_size():
 
 def test_a_class_too_small_for_a_tail_carve_is_an_error_naming_the_file(tmp_path):
     path = write(tmp_path / "data" / "train.jsonl", TRAIN + [{"text": "A lone meh.", "label": "meh"}])
-    with pytest.raises(ValueError, match=r"cannot carve a stratified validation split .*train.jsonl: class 'meh' has 1 rows.* Set val_split"):
+    with pytest.raises(ValueError, match=r"cannot carve a validation split .*train.jsonl: class 'meh' has 1 rows.* Set val_split"):
         data_module(path, tmp_path, val_size=0.2, val_carve="tail", test_split=None).num_classes
     with pytest.raises(ValueError, match="val_carve must be 'random', 'tail' or 'sentences'"):
         data_module(path, tmp_path, val_carve="last")
@@ -292,8 +292,8 @@ def test_a_sentence_carve_refuses_long_texts(tmp_path, monkeypatch):
     monkeypatch.setattr("gru_nlp.data._MAX_WORD_RUNS", 100)
     long_text = " ".join(["word"] * 20)  # 210 runs of words
     path = write(tmp_path / "data" / "train.jsonl", [{"text": long_text, "label": "pos"}] + TRAIN)
-    with pytest.raises(ValueError, match=r"cannot carve .*train.jsonl.*compares every run of words"):
-        data_module(path, tmp_path, val_carve="sentences", test_split=None).num_classes
+    with pytest.raises(ValueError, match=r"cannot carve .*train.jsonl.*compares every run of words.*'tail'\.$"):
+        data_module(path, tmp_path, val_carve="sentences", test_split=None).num_classes  # no advice on val_size
 
 
 def test_a_sentence_carve_through_the_data_module(tmp_path, tokenizer_path):
@@ -727,3 +727,26 @@ def test_the_line_on_what_was_read_counts_the_texts_that_are_also_in_training(tm
     with caplog.at_level(logging.INFO):
         data_module(tmp_path / "data", tmp_path, tokenizer_path=tokenizer_path, val_carve="tail", val_size=2).setup("fit")
     assert "test 8 rows (5 / 3; 2 of its texts also in train)" in caplog.text
+
+
+def test_string_labels_of_a_split_match_the_names_of_a_training_classlabel(tmp_path):
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    rows = [{"text": row["text"], "label": ["neg", "pos"].index(row["label"])} for row in TRAIN]
+    (tmp_path / "data").mkdir()
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp_path / "data" / "train.parquet"))
+    write(tmp_path / "data" / "test.csv", TEST)  # labels written as the names
+    dm = data_module(tmp_path / "data", tmp_path)
+    dm.setup("test")
+    assert [label for _, _, label in examples(dm.test_dataloader())] == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("stage, encoded", [("validate", {"val"}), ("test", {"test"}), ("fit", {"train", "val", "test"})])
+def test_prepare_data_encodes_the_splits_its_stage_uses(tmp_path, tokenizer_path, stage, encoded):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    dm = data_module(TINY, tmp_path, tokenizer_path=tokenizer_path)
+    dm.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn(stage)))
+    dm.prepare_data()
+    assert set(dm._encoded) == encoded

@@ -66,3 +66,17 @@ def test_a_folder_that_takes_no_new_files_is_named_in_the_error_not_the_temporar
     with pytest.raises(OSError, match=r"^\[Errno \d+\] cannot write /proc/out.jsonl: "):
         with atomic_write("/proc/out.jsonl") as file:
             file.write("never")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/stdout"), reason="/dev/stdout")
+def test_dev_stdout_redirected_to_a_file_is_written_into_not_replaced(tmp_path):
+    import subprocess
+    import sys
+
+    log = tmp_path / "log.txt"
+    script = "from gru_nlp.files import atomic_write\nwith atomic_write('/dev/stdout') as f: f.write('written\\n')\nprint('after', flush=True)"
+    with open(log, "w") as stdout:
+        stdout.write("before\n")
+        stdout.flush()
+        subprocess.run([sys.executable, "-c", script], stdout=stdout, check=True)
+    assert log.read_text() == "before\nwritten\nafter\n"

@@ -337,15 +337,20 @@ def test_weight_ema_saves_the_averaged_weights_with_the_trained_models_buffers(t
     ema = ("--trainer.callbacks+=gru_nlp.callbacks.WeightEMA", "--trainer.callbacks.decay", "0.5")
     bag = ("--model.ngram_buckets", "1024", "--model.ngram_features", "naive_bayes")
     fit = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "2", *bag, *ema))
-    checkpoint = torch.load(fit.trainer.checkpoint_callback.best_model_path, map_location="cpu", weights_only=True)
-    served, trained = checkpoint["state_dict"], checkpoint["current_model_state"]
     buffers = {name for name, _ in fit.model.named_buffers()}
     assert buffers == {"model.ngrams.log_count_ratios", "model.side_weights"}
-    for name in buffers:  # counted on the training data, and fitted on validation: the model's own, not averaged
+    # A checkpoint saved during training: the averaged weights beside the trained ones, the buffers the model's.
+    during = torch.load(fit.trainer.checkpoint_callback.best_model_path, map_location="cpu", weights_only=True)
+    served, trained = during["state_dict"], during["current_model_state"]
+    assert any(not torch.equal(served[name], trained[name]) for name in served.keys() - buffers)
+    for name in buffers:
         assert torch.equal(served[name], trained[name]), name
     assert served["model.ngrams.log_count_ratios"].abs().sum() > 0
-    assert not torch.equal(served["model.side_weights"], torch.ones(2))
-    assert any(not torch.equal(served[name], trained[name]) for name in served.keys() - buffers)  # weights: averaged
+    # Side weights as a validation fits them (here by hand) are saved as they are, not averaged in.
+    fit.model.model.side_weights.copy_(torch.tensor([0.5, 2.0]))
+    fit.trainer.save_checkpoint(tmp_path / "saved.ckpt")
+    saved = torch.load(tmp_path / "saved.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert saved["model.side_weights"].tolist() == [0.5, 2.0]
 
 
 def test_testing_a_checkpoint_reads_only_the_test_split(tmp_path):

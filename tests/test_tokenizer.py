@@ -1,3 +1,6 @@
+import os
+import stat
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -130,3 +133,14 @@ def test_encode_properties(tokenizer, texts, max_length, truncation):
         else:
             head = max_length if truncation == "head" else max_length // 4
             assert ids == untruncated[:head] + untruncated[len(untruncated) - (max_length - head) :]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_a_saved_tokenizer_gets_the_permissions_open_gives(tokenizer, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        save_tokenizer(tokenizer, tmp_path / "tokenizer.json")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "tokenizer.json").stat().st_mode) == 0o644  # not mkstemp's 0o600
+    assert load_tokenizer(tmp_path / "tokenizer.json").to_str() == tokenizer.to_str()
