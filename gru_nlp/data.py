@@ -352,10 +352,7 @@ class TextDataModule(L.LightningDataModule):
                 self._predict_split = self._text_splits()["val"]  # carved from training
                 return self._predict_split
             arg = "test_split" if hp.test_split else "val_split"
-            raise DataError(
-                f"{arg}={split!r} is not a split of {hp.path} (it has {', '.join(sorted(sources)) or 'none'}): "
-                f"set {arg} to the split to predict"
-            )
+            raise _not_a_split(arg, split, hp.path, sources, f"set {arg} to the split to predict")
         dataset = raw[split]
         _check_columns(dataset, hp.text_field, None, split, sources[split])
         kept = _rows_with_text(_column_values(dataset, hp.text_field), split, sources[split], hp.text_field)
@@ -383,10 +380,8 @@ class TextDataModule(L.LightningDataModule):
         for arg in ("train_split", "val_split", "test_split"):
             split = hp[arg]
             if split is not None and split not in raw:
-                raise DataError(
-                    f"{arg}={split!r} is not a split of {hp.path} (it has {', '.join(sorted(sources)) or 'none'}): "
-                    f"set {arg} to one of them" + ("" if arg == "train_split" else " or to null")
-                )
+                fix = f"set {arg} to one of them" + ("" if arg == "train_split" else " or to null")
+                raise _not_a_split(arg, split, hp.path, sources, fix)
         val_split = hp.val_split
         if val_split is None and "validation" in raw and hp.test_split != "validation":
             val_split = "validation"
@@ -479,10 +474,7 @@ class TextDataModule(L.LightningDataModule):
         split, names = hp.test_split, list(self._requested_label_names)
         raw, sources = _load_raw_splits(hp.path, hp.name, {split}, hp.cache_dir)
         if split not in raw:
-            raise DataError(
-                f"test_split={split!r} is not a split of {hp.path} (it has {', '.join(sorted(sources)) or 'none'}): "
-                "set test_split to the split to test on"
-            )
+            raise _not_a_split("test_split", split, hp.path, sources, "set test_split to the split to test on")
         dataset, source = raw[split], sources[split]
         _check_columns(dataset, hp.text_field, hp.label_field, split, source)
         kept, labels = _usable_rows(dataset, hp.text_field, hp.label_field, split, source)
@@ -565,6 +557,11 @@ class TextDataModule(L.LightningDataModule):
             )
             save_tokenizer(tokenizer, path)
         return tokenizer
+
+
+def _not_a_split(arg: str, split: str, path: str, sources: dict[str, str], fix: str) -> DataError:
+    """The error for a `*_split` setting naming a split the source does not have, listing those it has."""
+    return DataError(f"{arg}={split!r} is not a split of {path} (it has {', '.join(sorted(sources)) or 'none'}): {fix}")
 
 
 def tokenizer_cache_folder(cache_dir: str | None) -> Path:

@@ -88,71 +88,20 @@ class GruNlpCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         ckpt_path = config.get("ckpt_path")
-        if subcommand in _SCORING_SUBCOMMANDS and (not ckpt_path or ckpt_path in _LIGHTNING_CKPT_NAMES):
-            # Lightning would go on with the freshly initialised model (for "best" and "last"
-            # after a one-line warning: they name checkpoints of a fit in this same process).
-            given = f"--ckpt_path {ckpt_path}" if ckpt_path else "no --ckpt_path"
-            raise CheckpointError(
-                f"gru-nlp {subcommand} with {given} would score an untrained model: "
-                "pass --ckpt_path <a .ckpt file> (`gru-nlp fit` prints the best one's path)"
-            )
+        _refuse_scoring_an_untrained_model(subcommand, ckpt_path)
         if not ckpt_path or ckpt_path in _LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry:"):
             return
-        # LightningCLI reads --ckpt_path with torch.load straight after this; read it first, so
-        # that a missing, truncated or foreign file gets a line naming it, not a traceback.
-        if Path(ckpt_path).is_dir():
-            raise CheckpointError(f"--ckpt_path {ckpt_path} is a folder: name a .ckpt file (`gru-nlp fit` prints the best one's path)")
-        if not Path(ckpt_path).is_file():
-            raise CheckpointError(f"--ckpt_path {ckpt_path}: no such file")
-        checkpoint = load_checkpoint(ckpt_path)
-        # A checkpoint's weights only mean something with the tokenizer and the label names
-        # they were trained with: use the ones it carries rather than a tokenizer trained (or
-        # cached) anew, whose ids may differ while its size still fits the weights, or label
-        # names read from the data, whose order may differ (every prediction would be swapped).
-        stored = _checkpoint_tokenizer(checkpoint, ckpt_path, config.data.cache_dir)
-        given = config.data.tokenizer_path
-        if given is None:
-            config.data.tokenizer_path = stored
-        elif _tokenizer_json(given) != load_tokenizer(stored).to_str():
-            raise CheckpointError(
-                f"{ckpt_path}: was trained with another tokenizer than --data.tokenizer_path {given}; "
-                "leave --data.tokenizer_path out to use the checkpoint's own"
-            )
-        trained_labels = list(checkpoint[CHECKPOINT_KEY]["label_names"])
-        given_labels = config.data.label_names
-        if given_labels is None:
-            config.data.label_names = trained_labels
-        elif list(given_labels) != trained_labels:
-            raise CheckpointError(
-                f"{ckpt_path}: was trained with the labels {trained_labels} (class ids in that order), not "
-                f"--data.label_names {list(given_labels)}; leave --data.label_names out to use the checkpoint's"
-            )
-        # The text is cut as it was in training (and is when served), or the scores would
-        # describe other inputs than the model sees in use.
-        for setting in ("max_length", "truncation"):
-            trained, configured = checkpoint[CHECKPOINT_KEY][setting], getattr(config.data, setting)
-            if configured != trained:
-                rank_zero_info(f"Using the checkpoint's data.{setting} {trained!r}, not {configured!r}: it was trained with it")
-                setattr(config.data, setting, trained)
+        checkpoint = _read_ckpt_path(ckpt_path)
+        _adopt_the_checkpoints_encoding(config.data, checkpoint, ckpt_path)
+        trained_model = checkpoint.get("hyper_parameters", {})
         if subcommand == "fit":
-            _check_resumed_model_settings(config.model, checkpoint.get("hyper_parameters", {}), ckpt_path)
+            _check_resumed_model_settings(config.model, trained_model, ckpt_path)
         elif subcommand in _SCORING_SUBCOMMANDS:
-            trained_model = checkpoint.get("hyper_parameters", {})
             differing = _differing_model_settings(config.model, trained_model)
             if differing:  # LightningCLI puts the checkpoint's settings in the config: say so
                 shown = ", ".join(f"{name} {trained_model[name]!r} (not {config.model[name]!r})" for name in differing)
                 rank_zero_info(f"Scoring with the checkpoint's model settings: {shown}")
-            # On the fit's own data, a validation split carved from training must be the one it held out.
-            trained_data = checkpoint.get("datamodule_hyper_parameters", {})
-            same_data = _same_source(trained_data.get("path"), config.data.path) and trained_data.get("name") == config.data.name
-            for setting in _CARVE_SETTINGS if same_data else ():
-                trained, configured = trained_data.get(setting), getattr(config.data, setting)
-                if trained is not None and configured != trained:
-                    rank_zero_info(
-                        f"Using the checkpoint's data.{setting} {trained!r}, not {configured!r}: a validation split "
-                        "carved from training must hold the rows that fit held out"
-                    )
-                    setattr(config.data, setting, trained)
+            _adopt_the_checkpoints_carve(config.data, checkpoint.get("datamodule_hyper_parameters", {}))
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config  # no subcommand with run=False
@@ -264,6 +213,72 @@ class GruNlpCLI(LightningCLI):
                 "it anyway, or leave out --ckpt_path to start afresh"
             )
         return None
+
+
+def _refuse_scoring_an_untrained_model(subcommand: str | None, ckpt_path: str | None) -> None:
+    if subcommand in _SCORING_SUBCOMMANDS and (not ckpt_path or ckpt_path in _LIGHTNING_CKPT_NAMES):
+        # Lightning would go on with the freshly initialised model (for "best" and "last"
+        # after a one-line warning: they name checkpoints of a fit in this same process).
+        given = f"--ckpt_path {ckpt_path}" if ckpt_path else "no --ckpt_path"
+        raise CheckpointError(
+            f"gru-nlp {subcommand} with {given} would score an untrained model: "
+            "pass --ckpt_path <a .ckpt file> (`gru-nlp fit` prints the best one's path)"
+        )
+
+
+def _read_ckpt_path(ckpt_path: str) -> dict:
+    """LightningCLI reads --ckpt_path with torch.load straight after parsing; read it first, so that a
+    missing, truncated or foreign file gets a line naming it, not a traceback."""
+    if Path(ckpt_path).is_dir():
+        raise CheckpointError(f"--ckpt_path {ckpt_path} is a folder: name a .ckpt file (`gru-nlp fit` prints the best one's path)")
+    if not Path(ckpt_path).is_file():
+        raise CheckpointError(f"--ckpt_path {ckpt_path}: no such file")
+    return load_checkpoint(ckpt_path)
+
+
+def _adopt_the_checkpoints_encoding(data: Any, checkpoint: dict, ckpt_path: str) -> None:
+    """Set the data config to the checkpoint's tokenizer, label names, max_length and truncation.
+
+    A checkpoint's weights only mean something with the tokenizer and the label names they were
+    trained with: not a tokenizer trained (or cached) anew, whose ids may differ while its size
+    still fits the weights, nor label names read from the data, whose order may differ (every
+    prediction would be swapped). Text is cut as it was in training (and is when served), or the
+    scores would describe other inputs than the model sees in use.
+    """
+    stored = _checkpoint_tokenizer(checkpoint, ckpt_path, data.cache_dir)
+    if data.tokenizer_path is None:
+        data.tokenizer_path = stored
+    elif _tokenizer_json(data.tokenizer_path) != load_tokenizer(stored).to_str():
+        raise CheckpointError(
+            f"{ckpt_path}: was trained with another tokenizer than --data.tokenizer_path {data.tokenizer_path}; "
+            "leave --data.tokenizer_path out to use the checkpoint's own"
+        )
+    trained_labels = list(checkpoint[CHECKPOINT_KEY]["label_names"])
+    if data.label_names is None:
+        data.label_names = trained_labels
+    elif list(data.label_names) != trained_labels:
+        raise CheckpointError(
+            f"{ckpt_path}: was trained with the labels {trained_labels} (class ids in that order), not "
+            f"--data.label_names {list(data.label_names)}; leave --data.label_names out to use the checkpoint's"
+        )
+    for setting in ("max_length", "truncation"):
+        trained, configured = checkpoint[CHECKPOINT_KEY][setting], getattr(data, setting)
+        if configured != trained:
+            rank_zero_info(f"Using the checkpoint's data.{setting} {trained!r}, not {configured!r}: it was trained with it")
+            setattr(data, setting, trained)
+
+
+def _adopt_the_checkpoints_carve(data: Any, trained_data: dict) -> None:
+    """On the fit's own data, a validation split carved from training must be the one the fit held out."""
+    same_data = _same_source(trained_data.get("path"), data.path) and trained_data.get("name") == data.name
+    for setting in _CARVE_SETTINGS if same_data else ():
+        trained, configured = trained_data.get(setting), getattr(data, setting)
+        if trained is not None and configured != trained:
+            rank_zero_info(
+                f"Using the checkpoint's data.{setting} {trained!r}, not {configured!r}: a validation split "
+                "carved from training must hold the rows that fit held out"
+            )
+            setattr(data, setting, trained)
 
 
 def _check_resumed_model_settings(configured: Any, trained: dict, ckpt_path: str) -> None:
