@@ -39,7 +39,7 @@ SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"
 DEFAULT_CACHE_DIR = "~/.cache/gru_nlp"
 
 # Bump when the tokenizer recipe in gru_nlp.tokenizer changes, so cached tokenizers are retrained.
-_TOKENIZER_CACHE_VERSION = 1
+_TOKENIZER_CACHE_VERSION = 2
 _SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")  # train-00000-of-00002.parquet is a shard of "train"
 # `val_carve="sentences"` holds every run of words of the whole texts in memory: SST-2 has 5.5M.
 _MAX_WORD_RUNS = 50_000_000

@@ -40,8 +40,9 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Train a subword tokenizer on raw texts.
 
-    The normalizer replaces HTML line breaks (`<br />`, common in IMDB) with a
-    space, applies NFKC, spaces out CJK ideographs, and optionally lowercases; the
+    The normalizer drops invisible format characters (Unicode category Cf),
+    replaces HTML line breaks (`<br />`, common in IMDB) with a space, applies
+    NFKC, spaces out CJK ideographs, and optionally lowercases; the
     pre-tokenizer splits on whitespace and punctuation (BERT's rules).
 
     Args:
@@ -76,6 +77,9 @@ def train_tokenizer(
         tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN, continuing_subword_prefix=SUBWORD_PREFIX))
         trainer_cls = trainers.BpeTrainer
     steps = [
+        # Invisible format characters (a byte-order mark, a zero-width space, a soft hyphen) are dropped:
+        # glued to a word, they would turn the whole word into [UNK].
+        normalizers.Replace(Regex(r"\p{Cf}"), ""),
         normalizers.Replace(Regex(r"(?i)<br\s*/?>"), " "),
         normalizers.NFKC(),
         # Chinese, Japanese and Korean ideographs are written without spaces: one word each, as in BERT.

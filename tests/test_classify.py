@@ -236,7 +236,8 @@ def _parquet(path, **columns):
     return path
 
 
-def test_real_subprocess(tiny_checkpoint):
+def test_a_lone_dash_argument_is_a_text_not_stdin(tiny_checkpoint):
+    # As a command runs it, in its own process: "-" given as TEXT is classified; "--input -" reads stdin.
     result = subprocess.run(
         [sys.executable, "-m", "gru_nlp.cli", "classify", "--ckpt", str(tiny_checkpoint), "-"],
         input="",

@@ -53,6 +53,15 @@ def test_long_words_and_cjk_text_are_read_not_one_unk():
     assert UNK_ID not in long_word and len(long_word) > 1
 
 
+def test_invisible_format_characters_do_not_turn_a_word_into_unk(tokenizer):
+    def tokens(text: str) -> list[str]:
+        return tokenizer.encode(text, add_special_tokens=False).tokens
+
+    plain = tokens("a superb film")
+    for text in ("\ufeffa superb film", "a \u200bsuperb film", "a su\u00adperb film", "a superb\u200d film"):
+        assert tokens(text) == plain, repr(text)
+
+
 def test_lowercase_is_optional():
     tokenizer = train_tokenizer(TEXTS, vocab_size=120, lowercase=False, min_frequency=1)
     assert "A" in tokenizer.get_vocab()
