@@ -141,3 +141,13 @@ def test_bad_contents_found_when_building(tiny_checkpoint, tmp_path, mutate, mes
     path = resave(tiny_checkpoint, tmp_path / "bad.ckpt", mutate)
     with pytest.raises(CheckpointError, match=message):
         build_model(load_checkpoint(path), source=path)
+
+
+def test_every_model_argument_is_read_back_from_a_checkpoint():
+    # A BiGRUClassifier argument missing here would be served at its default, whatever it was trained with.
+    import inspect
+
+    from gru_nlp.checkpoint import MODEL_ARGUMENTS, OPTIONAL_ARGUMENTS
+    from gru_nlp.model import BiGRUClassifier
+
+    assert sorted(MODEL_ARGUMENTS + OPTIONAL_ARGUMENTS) == sorted(inspect.signature(BiGRUClassifier).parameters)
