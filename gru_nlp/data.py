@@ -1,26 +1,22 @@
 """Load a labelled text dataset, tokenize it, and serve length-bucketed batches.
 
 `TextDataModule` reads a Hugging Face Hub dataset, a local folder or file of
-parquet/csv/tsv/json(l) data, or the original `aclImdb/` folder; turns labels into
-class ids; carves a stratified validation split when there is none; trains (or
-loads) the tokenizer on the training split only; and encodes every split once,
-in the `datasets` cache, so later runs start quickly.
+parquet/csv/tsv/json(l) data, or the original `aclImdb/` folder (`gru_nlp.sources`);
+turns labels into class ids; carves a stratified validation split when there is
+none (`gru_nlp.carve`); trains (or loads) the tokenizer on the training split only;
+and encodes every split once, in the `datasets` cache, so later runs start quickly.
 """
 
-import csv
 import hashlib
 import json
 import logging
 import math
 import os
-import random
-import re
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import datasets
 import lightning as L
 from datasets import ClassLabel, Dataset, Features, Value
 from filelock import FileLock  # a dependency of torch and datasets
@@ -29,35 +25,19 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from gru_nlp.batching import BucketBatchSampler, collate
+from gru_nlp.carve import sentence_rows, tail_rows
 from gru_nlp.labels import integer_label_ids
+from gru_nlp.sources import DataError, DataNotFoundError, HubUnreachableError, load_raw_splits  # noqa: F401 (errors re-exported)
 from gru_nlp.tokenizer import PAD_ID, SPECIAL_TOKENS, encode, load_tokenizer, save_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
-DATA_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json"}
-SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
 DEFAULT_CACHE_DIR = "~/.cache/gru_nlp"
 
 # Bump when the tokenizer recipe in gru_nlp.tokenizer changes, so cached tokenizers are retrained.
 _TOKENIZER_CACHE_VERSION = 2
-_SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")  # train-00000-of-00002.parquet is a shard of "train"
-# `val_carve="sentences"` holds every run of words of the whole texts in memory: SST-2 has 5.5M.
-_MAX_WORD_RUNS = 50_000_000
-_HUB_ID = re.compile(r"^\w[\w.-]*(/\w[\w.-]*)?$")  # "org/name" or "name"
 # Which splits each Lightning stage encodes; "predict" serves the test split, else validation.
 _STAGE_ROLES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
-
-
-class DataError(ValueError):
-    """Data or data settings that cannot be used as given; the message names the file, split, column or label."""
-
-
-class DataNotFoundError(DataError, FileNotFoundError):
-    """A data file or folder, or a tokenizer file, that does not exist."""
-
-
-class HubUnreachableError(DataError, ConnectionError):
-    """A Hub dataset that cannot be downloaded, with no local file of that name."""
 
 
 class TextDataModule(L.LightningDataModule):
@@ -346,7 +326,7 @@ class TextDataModule(L.LightningDataModule):
             return self._predict_split
         hp = self.hparams
         split = hp.test_split or hp.val_split or "validation"
-        raw, sources = _load_raw_splits(hp.path, hp.name, {split}, hp.cache_dir)
+        raw, sources = load_raw_splits(hp.path, hp.name, {split}, hp.cache_dir)
         if split not in raw:
             if hp.test_split is None and hp.val_split is None:
                 self._predict_split = self._text_splits()["val"]  # carved from training
@@ -376,7 +356,7 @@ class TextDataModule(L.LightningDataModule):
         if hp.test_split == hp.train_split:  # predicting it, or testing a checkpoint on it alone, is allowed
             raise DataError(f"test_split={hp.test_split!r} is also the train_split: it would score the rows the model trains on")
         wanted = {hp.train_split, hp.val_split or "validation", hp.test_split} - {None}
-        raw, sources = _load_raw_splits(hp.path, hp.name, wanted, hp.cache_dir)
+        raw, sources = load_raw_splits(hp.path, hp.name, wanted, hp.cache_dir)
         for arg in ("train_split", "val_split", "test_split"):
             split = hp[arg]
             if split is not None and split not in raw:
@@ -472,7 +452,7 @@ class TextDataModule(L.LightningDataModule):
         split's labels with `label_names` given."""
         hp = self.hparams
         split, names = hp.test_split, list(self._requested_label_names)
-        raw, sources = _load_raw_splits(hp.path, hp.name, {split}, hp.cache_dir)
+        raw, sources = load_raw_splits(hp.path, hp.name, {split}, hp.cache_dir)
         if split not in raw:
             raise _not_a_split("test_split", split, hp.path, sources, "set test_split to the split to test on")
         dataset, source = raw[split], sources[split]
@@ -498,9 +478,9 @@ class TextDataModule(L.LightningDataModule):
                 kept, val = carved["train"], carved["test"]
             else:
                 if hp.val_carve == "tail":
-                    train_rows, val_rows = _tail_rows(train["labels"], val_size, self._label_names)
+                    train_rows, val_rows = tail_rows(train["labels"], val_size, self._label_names)
                 else:
-                    train_rows, val_rows = _sentence_rows(train["text"], train["labels"], val_size, hp.seed)
+                    train_rows, val_rows = sentence_rows(train["text"], train["labels"], val_size, hp.seed)
                     log.info(
                         "Validating on %d whole texts of %s; training drops %d phrases found only inside them",
                         len(val_rows),
@@ -587,7 +567,7 @@ def load_texts(path: str, splits: Collection[str], text_field: str = "text", cac
     files named by split (`train.parquet`, `unsup.parquet`, ...). Texts come split by split,
     in file order.
     """
-    loaded, sources = _load_raw_splits(path, None, splits, cache_dir)
+    loaded, sources = load_raw_splits(path, None, splits, cache_dir)
     texts = []
     for split in splits:
         if split not in loaded:
@@ -604,259 +584,6 @@ def _text_hashes(dataset: Dataset) -> Iterator[int]:
     """A hash of each text, read a batch at a time (a million long texts are never held at once)."""
     for batch in dataset.select_columns("text").iter(batch_size=10_000):
         yield from map(hash, batch["text"])
-
-
-def _tail_rows(labels: list[int], val_size: float, names: list[str] | None = None) -> tuple[list[int], list[int]]:
-    """Row numbers (train, validation): each class's last rows, in proportion to its share, validate.
-
-    `val_size` is a fraction below 1 (of all rows, rounded up) or a count, shared out
-    between the classes by largest remainder. `names` name the classes in errors.
-    """
-    total = math.ceil(val_size * len(labels)) if val_size < 1 else int(val_size)
-    rows_by_class: dict[int, list[int]] = defaultdict(list)
-    for row, label in enumerate(labels):
-        rows_by_class[label].append(row)
-    shares = {label: total * len(rows) / len(labels) for label, rows in rows_by_class.items()}
-    counts = {label: math.floor(share) for label, share in shares.items()}
-    for label in sorted(shares, key=lambda label: counts[label] - shares[label])[: total - sum(counts.values())]:
-        counts[label] += 1
-    for label, rows in rows_by_class.items():
-        if not 0 < counts[label] < len(rows):
-            name = repr(names[label]) if names else label
-            raise ValueError(f"class {name} has {len(rows)} rows, so its share of validation would be {counts[label]}.")
-    val_rows = sorted(row for label, rows in rows_by_class.items() for row in rows[len(rows) - counts[label] :])
-    val_set = set(val_rows)
-    return [row for row in range(len(labels)) if row not in val_set], val_rows
-
-
-def _sentence_rows(texts: list[str], labels: list[int], val_size: float, seed: int) -> tuple[list[int], list[int]]:
-    """Row numbers (train, validation) for phrase-level data: whole texts validate, their phrases leave training.
-
-    A whole text is one that no longer text contains as a run of whitespace-separated
-    words. `val_size` of the whole texts (a fraction, rounded up, or a count) are drawn
-    per class with `seed` and validate, duplicates included. Training keeps every other
-    row but the phrases found only inside validation texts: a phrase that is also inside
-    a training text (a common "the film") stays.
-    """
-    words = [text.split() for text in texts]
-    runs = sum(len(row) * (len(row) + 1) // 2 for row in words)
-    if runs > _MAX_WORD_RUNS:
-        raise DataError(
-            f"val_carve 'sentences' compares every run of words in every text, {runs:,} here (at most "
-            f"{_MAX_WORD_RUNS:,}): it is meant for short phrase-level texts such as SST-2's; use 'random' or 'tail'."
-        )
-    rows_by_whole: dict[str, list[int]] = {}  # whole text -> its rows
-    covered: set[str] = set()  # every word run of the whole texts seen so far
-    for row in sorted(range(len(texts)), key=lambda row: -len(words[row])):  # longest first
-        text = " ".join(words[row])
-        if text in rows_by_whole:
-            rows_by_whole[text].append(row)
-        elif text not in covered:
-            rows_by_whole[text] = [row]
-            covered.update(_word_runs(words[row]))
-    del covered
-    wholes = sorted(rows_by_whole, key=lambda text: rows_by_whole[text][0])  # in row order, then shuffled
-    random.Random(seed).shuffle(wholes)
-    train_wholes, val_wholes = _tail_rows([labels[rows_by_whole[text][0]] for text in wholes], val_size)
-    only_in_val = {run for i in val_wholes for run in _word_runs(wholes[i].split())}
-    for i in train_wholes:
-        only_in_val.difference_update(_word_runs(wholes[i].split()))
-    val_rows = sorted(row for i in val_wholes for row in rows_by_whole[wholes[i]])
-    train_rows = [row for row in range(len(texts)) if " ".join(words[row]) not in only_in_val]
-    return train_rows, val_rows
-
-
-def _word_runs(words: list[str]) -> Iterator[str]:
-    """Every run of consecutive words, joined by single spaces (the whole text included)."""
-    return (" ".join(words[start:end]) for start in range(len(words)) for end in range(start + 1, len(words) + 1))
-
-
-def _load_raw_splits(
-    path: str, name: str | None, wanted: Collection[str], cache_dir: str | None
-) -> tuple[dict[str, Dataset], dict[str, str]]:
-    """Load the `wanted` splits that exist at `path`.
-
-    Returns:
-        The loaded splits by name, and a description of the source of every
-        split there is (wanted or not), for error messages.
-    """
-    local = Path(path).expanduser()
-    if local.exists():
-        imdb_root = next(
-            (root for root in (local, local / "aclImdb") if (root / "train" / "pos").is_dir()),
-            None,
-        )
-        if imdb_root is not None:
-            return _load_acl_imdb(imdb_root, wanted, cache_dir)
-        return _load_data_files(local, wanted, cache_dir)
-    if not _HUB_ID.match(path) or Path(path).suffix.lower() in DATA_EXTENSIONS:
-        raise DataNotFoundError(f"no such file or folder: {local}")
-    try:
-        loaded = datasets.load_dataset(path, name, cache_dir=cache_dir)
-    except ConnectionError as err:
-        raise HubUnreachableError(
-            f"Could not reach the Hugging Face Hub to load {path!r} ({err}), and there is no local "
-            f"file or folder called {path!r}. Without the Hub, set `path` to a local folder of "
-            "parquet/csv/tsv/json/jsonl files named by split (train.parquet, test.parquet, ...), to a "
-            "single data file, or to an aclImdb/ folder."
-        ) from err
-    except datasets.exceptions.DatasetNotFoundError as err:
-        raise DataNotFoundError(f"no local file or folder {path!r}, and no Hub dataset of that name ({err})") from None
-    except (datasets.exceptions.DatasetsError, ValueError) as err:  # e.g. a `name` the dataset does not have
-        raise DataError(f"could not load Hub dataset {path!r}" + (f" ({name})" if name else "") + f": {err}") from None
-    source = f"Hub dataset {path!r}" + (f" ({name})" if name else "")
-    return dict(loaded), {split: source for split in loaded}
-
-
-def _split_files(path: Path) -> dict[str, list[Path]]:
-    """The data files of each split in a data file or folder."""
-    if path.is_file():
-        if path.suffix.lower() not in DATA_EXTENSIONS:
-            raise DataError(f"{path} is not a {'/'.join(DATA_EXTENSIONS)} file")
-        return {"train": [path]}
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in DATA_EXTENSIONS and p.is_file())
-    if not files:
-        raise DataNotFoundError(f"no {', '.join(DATA_EXTENSIONS)} files in {path}")
-    splits: dict[str, list[Path]] = defaultdict(list)
-    stems: dict[str, set[str]] = defaultdict(set)
-    for file in files:
-        stem = _SHARD_SUFFIX.sub("", file.stem).lower()
-        split = SPLIT_ALIASES.get(stem, stem)
-        splits[split].append(file)
-        stems[split].add(stem)
-        if len(stems[split]) > 1:
-            raise DataError(f"{path} has several files for split {split!r}: {', '.join(map(str, splits[split]))}")
-    return dict(splits)
-
-
-def _load_data_files(path: Path, wanted: Collection[str], cache_dir: str | None) -> tuple[dict, dict[str, str]]:
-    split_files = _split_files(path)
-    sources = {split: ", ".join(map(str, files)) for split, files in split_files.items()}
-    # Read only the wanted splits, so that an unused one (IMDB's 50,000 unsup reviews,
-    # or a stray metadata .json beside the parquet files) costs nothing and breaks nothing.
-    # Each split is read on its own terms: read together, datasets would make the splits
-    # share one schema, refusing an extra column in one file, and giving every split the
-    # ClassLabel names of one of them (a test file's own names discarded, its labels swapped).
-    loaded = {split: _load_split_files(split, files, cache_dir) for split, files in split_files.items() if split in wanted}
-    return loaded, sources
-
-
-def _load_split_files(split: str, files: list[Path], cache_dir: str | None) -> Dataset:
-    builders = {DATA_EXTENSIONS[file.suffix.lower()] for file in files}
-    if len(builders) > 1:
-        raise DataError(f"{', '.join(map(str, files))} mix {' and '.join(sorted(builders))} files: use one format per split")
-    builder = builders.pop()
-    for file in files:
-        if file.stat().st_size == 0:
-            raise DataError(f"{file} is empty")
-        if builder != "parquet":
-            # pyarrow's JSON reader keeps invalid UTF-8 in string columns, to fail later deep in to_pylist.
-            _check_utf8(file)
-    options = {}
-    if builder in ("csv", "tsv"):
-        # pandas reads "NA", "null", "nan" and friends as missing; here only an empty field is missing.
-        options = {"keep_default_na": False, "na_values": [""]}
-    if builder == "tsv":  # no quoting: a quote is part of the text (as in GLUE's .tsv files)
-        options |= {"sep": "\t", "quoting": csv.QUOTE_NONE}
-    try:
-        return datasets.load_dataset(
-            "csv" if builder == "tsv" else builder,
-            data_files={split: [str(file) for file in files]},
-            split=split,
-            cache_dir=cache_dir,
-            **options,
-        )
-    except Exception as err:  # datasets raises anything from StopIteration to ArrowInvalid here
-        detail = " ".join(str(err.__cause__ or err).split())  # DatasetGenerationError says only "An error occurred"
-        if "corresponds to no data" in detail:  # datasets' words for a split of no rows
-            detail = "it has no rows"
-        elif builder == "csv" and "Error tokenizing data" in detail:
-            detail += " (is it comma-separated? A tab-separated file is read as such when named .tsv)"
-        raise DataError(f"could not read {', '.join(map(str, files))} as {builder}: {detail}") from err
-
-
-def _load_acl_imdb(root: Path, wanted: Collection[str], cache_dir: str | None) -> tuple[dict, dict[str, str]]:
-    """The aclImdb layout: `train/` and `test/` hold a folder of `.txt` reviews per class (`neg`, `pos`),
-    named by its class; `train/unsup/` holds the unlabelled reviews (label -1), the split `unsup`."""
-    classes = _acl_imdb_classes(root / "train")
-    layout = {  # split -> the folder named in messages, and the folders of its reviews
-        "train": (root / "train", [root / "train" / name for name in classes]),
-        "test": (root / "test", [root / "test" / name for name in _acl_imdb_classes(root / "test", classes)]),
-        "unsup": (root / "train" / "unsup", [root / "train" / "unsup"]),
-    }
-    folders = {split: review_folders for split, (folder, review_folders) in layout.items() if folder.is_dir() and review_folders}
-    sources = {split: str(layout[split][0]) for split in folders}
-    features = Features({"text": Value("string"), "label": ClassLabel(names=classes)})
-    loaded = {}
-    for split in folders.keys() & set(wanted):
-        files = []
-        for folder in folders[split]:
-            names = sorted(os.listdir(folder), key=_natural_key)
-            files += [str(folder / name) for name in names if name.endswith(".txt")]
-        # The sizes and modification times key the cache, so an edited file is read again.
-        stats = [(stat.st_size, stat.st_mtime_ns) for stat in map(os.stat, files)]
-        try:
-            loaded[split] = Dataset.from_generator(
-                _read_acl_imdb,
-                features=features,
-                cache_dir=cache_dir,
-                gen_kwargs={"files": files, "stats": stats, "classes": tuple(classes)},  # a list would be sharded
-                split=split,
-            )
-        except datasets.exceptions.DatasetGenerationError as err:
-            # datasets wraps what the generator raised; the cause names the file.
-            raise DataError(f"could not read {sources[split]}: {err.__cause__ or err}") from err
-    return loaded, sources
-
-
-def _acl_imdb_classes(folder: Path, known: list[str] | None = None) -> list[str]:
-    """The class folders in an aclImdb `train/` or `test/` folder, sorted; a test folder's must be
-    among the training folder's `known` ones."""
-    if not folder.is_dir():
-        return []
-    classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and entry.name != "unsup")
-    unknown = sorted(set(classes) - set(known if known is not None else classes))
-    if unknown:
-        raise DataError(
-            f"{folder} has review folders {unknown} that {folder.parent / 'train'} does not have "
-            f"(its classes: {known}): a class needs training reviews"
-        )
-    return classes
-
-
-def _read_acl_imdb(files: list[str], stats: list[tuple[int, int]], classes: tuple[str, ...]) -> Iterator[dict[str, str]]:
-    """Yield one example per review file; the label is the name of its folder (-1, none, for `unsup`)."""
-    for file in files:
-        data = Path(file).read_bytes()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(_utf8_error(Path(file), data, err)) from None
-        label = Path(file).parent.name
-        yield {"text": text, "label": label if label in classes else -1}
-
-
-def _check_utf8(path: Path) -> None:
-    """Raise a ValueError naming the line and column of the first byte of `path` that is not UTF-8."""
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(_utf8_error(path, data, err)) from None
-
-
-def _utf8_error(path: Path, data: bytes, err: UnicodeDecodeError) -> str:
-    line = data.count(b"\n", 0, err.start) + 1
-    column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-    return (
-        f"{path} is not valid UTF-8: byte 0x{data[err.start]:02x} at line {line}, column {column} "
-        f"({err.reason}); re-save the file as UTF-8"
-    )
-
-
-def _natural_key(name: str) -> list:
-    """Sort `10_3.txt` after `9_1.txt`."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def _column(dataset: Dataset, name: str) -> list:

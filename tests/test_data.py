@@ -20,7 +20,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from gru_nlp.data import DataError, TextDataModule, _sentence_rows, _tail_rows
+from gru_nlp.carve import sentence_rows, tail_rows
+from gru_nlp.data import DataError, TextDataModule
 from gru_nlp.tokenizer import save_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,11 +225,11 @@ def test_a_tail_carve_validates_on_each_class_last_rows_whatever_the_seed(tmp_pa
 
 def test_a_tail_carve_shares_a_count_out_by_class_size():
     labels = [0, 1, 2, 0, 1, 0, 2, 0, 1, 0]  # 5, 3 and 2 rows
-    train_rows, val_rows = _tail_rows(labels, 5)  # shares 2.5, 1.5, 1: the tie goes to class 0
+    train_rows, val_rows = tail_rows(labels, 5)  # shares 2.5, 1.5, 1: the tie goes to class 0
     assert val_rows == [5, 6, 7, 8, 9]
     assert train_rows == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="class 1 has 3 rows"):
-        _tail_rows(labels, 0.9)
+        tail_rows(labels, 0.9)
 
 
 def test_a_class_too_small_for_a_tail_carve_is_an_error_naming_the_file(tmp_path):
@@ -267,7 +268,7 @@ def test_a_sentence_carve_keeps_the_phrases_of_validation_sentences_out_of_train
     wholes = {0, 4, 7, 9, 11}
     seen_in_val = set()
     for seed in range(20):
-        train_rows, val_rows = _sentence_rows(texts, labels, val_size=0.4, seed=seed)
+        train_rows, val_rows = sentence_rows(texts, labels, val_size=0.4, seed=seed)
         assert set(val_rows) <= wholes  # only whole sentences validate, one per class (0.4 of 4)...
         assert sorted(labels[row] for row in val_rows if row != 11) == [0, 1]
         assert (9 in val_rows) == (11 in val_rows)  # ...with their duplicates
@@ -285,11 +286,11 @@ def test_a_sentence_carve_keeps_the_phrases_of_validation_sentences_out_of_train
     # Seed 0 validates on "a dull , lifeless film" and both copies of "the film is superb".
     # "the film" stays, as it is also inside "the film is clumsy"; "dull , lifeless",
     # "lifeless" and "superb" leave training.
-    assert _sentence_rows(texts, labels, val_size=0.4, seed=0) == ([0, 1, 2, 3, 7, 8], [4, 9, 11])
+    assert sentence_rows(texts, labels, val_size=0.4, seed=0) == ([0, 1, 2, 3, 7, 8], [4, 9, 11])
 
 
 def test_a_sentence_carve_refuses_long_texts(tmp_path, monkeypatch):
-    monkeypatch.setattr("gru_nlp.data._MAX_WORD_RUNS", 100)
+    monkeypatch.setattr("gru_nlp.carve.MAX_WORD_RUNS", 100)
     long_text = " ".join(["word"] * 20)  # 210 runs of words
     path = write(tmp_path / "data" / "train.jsonl", [{"text": long_text, "label": "pos"}] + TRAIN)
     with pytest.raises(ValueError, match=r"cannot carve .*train.jsonl.*compares every run of words.*'tail'\.$"):
