@@ -180,6 +180,9 @@ def load_encoder(path: str | Path) -> dict:
     missing = [name for name in ENCODER_PARAMETERS if not isinstance(weights.get(name), Tensor)]
     if missing:
         raise EncoderError(f"pretrained encoder {path}: missing {', '.join(missing)}")
+    broken = [name for name in ENCODER_PARAMETERS if not torch.isfinite(weights[name]).all()]
+    if broken:  # a pretraining that diverged: fine-tuning from it would train NaNs
+        raise EncoderError(f"pretrained encoder {path}: {', '.join(broken)} hold NaN or infinite values")
     return encoder
 
 

@@ -111,7 +111,8 @@ class GruNlpCLI(LightningCLI):
                 "does not support; use bf16-mixed (or 16-mixed on a GPU): half-precision compute, fp32 weights"
             )
         # Fail before the data is loaded and the tokenizer trained (minutes on IMDB), not after.
-        if self.subcommand != "fit":
+        # No subcommand: built with run=False to fit from a script (scripts/train_imdb.py).
+        if self.subcommand not in ("fit", None):
             return
         folders = [config.trainer.default_root_dir or os.getcwd(), config.checkpoint.dirpath, config.autosave.dirpath]
         for folder in filter(None, folders):

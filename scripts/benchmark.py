@@ -102,7 +102,7 @@ def run_baseline(args: argparse.Namespace, encoded: dict) -> dict:
     inputs = padded(encoded["train_ids"], args.max_length)  # (N, T)
     labels = torch.tensor(encoded["train_labels"])
     order = torch.randperm(len(inputs))
-    real_tokens, elapsed = 0, 0.0
+    real_tokens, positions, elapsed = 0, 0, 0.0
     for step in range(args.warmup + args.steps):
         rows = order[(step * args.batch_size) % len(order) :][: args.batch_size]
         start = time.perf_counter()
@@ -114,7 +114,7 @@ def run_baseline(args: argparse.Namespace, encoded: dict) -> dict:
         if step >= args.warmup:
             elapsed += time.perf_counter() - start
             real_tokens += int((inputs[rows] != 0).sum())
-    positions = args.steps * args.batch_size * args.max_length
+            positions += inputs[rows].numel()  # a batch cut short where the order wraps around counts as what it is
     model.eval()
     test_inputs = padded(encoded["test_ids"], args.max_length)
     start = time.perf_counter()
@@ -218,7 +218,11 @@ def run_shipped(args: argparse.Namespace, encoded: dict, variant: str) -> dict |
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/imdb", help="folder with IMDB train.parquet and test.parquet")
-    parser.add_argument("--config", default="configs/imdb.yaml", help="the shipped model settings; the baseline takes its sizes")
+    parser.add_argument(
+        "--config",
+        default=str(Path(__file__).resolve().parents[1] / "configs/imdb.yaml"),
+        help="the shipped model settings; the baseline takes its sizes (default: the repository's configs/imdb.yaml)",
+    )
     parser.add_argument("--reviews", type=int, default=4000, help="training reviews sampled (seeded)")
     parser.add_argument("--inference-reviews", type=int, default=1000)
     parser.add_argument("--max-length", type=int, default=256)
@@ -237,6 +241,11 @@ def main() -> None:
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for name in ("reviews", "inference_reviews", "max_length", "vocab_size", "batch_size", "steps", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be 0 or more")
 
     if args.variant:  # a child process: run one variant, print one JSON line
         encoded = torch.load(Path(args.workdir) / "encoded.pt")

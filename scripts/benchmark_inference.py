@@ -54,8 +54,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    if args.batch_size < 1 or args.single < 0 or (args.limit is not None and args.limit < 1):
-        parser.error("--batch-size and --limit must be at least 1, --single at least 0")
+    if args.batch_size < 1 or args.single < 1 or (args.limit is not None and args.limit < 1):
+        parser.error("--batch-size, --single and --limit must be at least 1")
     if not (args.data / "test.parquet").is_file():
         parser.error(f"no test.parquet in {args.data}")
     table = pq.read_table(args.data / "test.parquet", columns=["text", "label"])

@@ -24,20 +24,30 @@ validation loss, in nats per predicted token.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
 from gru_nlp.batching import BucketBatchSampler, collate
 from gru_nlp.callbacks import OutputFolderError, check_output_folder
 from gru_nlp.data import DataError, load_texts
 from gru_nlp.language_model import save_encoder
+from gru_nlp.lightning_cli import SIGTERM_EXIT_STATUS
 from gru_nlp.lit import LitLanguageModel
 from gru_nlp.tokenizer import PAD_ID, encode, save_tokenizer, train_tokenizer
+
+
+def fail(message: str) -> NoReturn:
+    """A user's mistake or an unusable run: one line on stderr, exit status 2 (as the gru-nlp command)."""
+    print(f"pretrain_imdb: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main() -> None:
@@ -70,18 +80,18 @@ def main() -> None:
         check_output_folder(out)  # before minutes of tokenizer training, not after
         texts = load_texts(args.data, args.splits, args.text_field)
     except (DataError, OutputFolderError) as err:
-        sys.exit(f"pretrain_imdb: error: {err}")
+        fail(str(err).replace("--trainer.default_root_dir (or --checkpoint.dirpath)", "--out"))
     if len(texts) < 2:
-        sys.exit(f"pretrain_imdb: {args.data} has {len(texts)} non-blank texts in {', '.join(args.splits)}; at least 2 are needed")
+        fail(f"{args.data} has {len(texts)} non-blank texts in {', '.join(args.splits)}; at least 2 are needed")
     try:
         tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size)
     except ValueError as err:
-        sys.exit(f"pretrain_imdb: error: could not train a tokenizer: {err}")
+        fail(f"could not train a tokenizer: {err}")
     ids = encode(tokenizer, texts, args.max_length, "head")
     held_out = max(1, min(500, len(ids) // 100))
     train_ids, val_ids = ids[:-held_out], ids[-held_out:]
     if max(map(len, train_ids), default=0) < 2:
-        sys.exit(f"pretrain_imdb: every training text of {args.data} is one token or none: there is nothing to predict")
+        fail(f"every training text of {args.data} is one token or none: there is nothing to predict")
     print(f"{len(texts):,} texts ({held_out:,} held out), {sum(map(len, ids)):,} tokens, {(time.perf_counter() - start) / 60:.1f} min", flush=True)
 
     lit = LitLanguageModel(tokenizer.get_vocab_size(), args.embedding_dim, args.hidden_size, PAD_ID, lr=args.lr)
@@ -97,13 +107,20 @@ def main() -> None:
         """After every validation: print the loss and save the encoder with its tokenizer, so a stopped
         run keeps its latest pair (and a run that fails before its first validation, an earlier run's)."""
 
+        saved_step: int | None = None
+
         def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            if not trainer.sanity_checking:
-                save_encoder(lit.model, tokenizer.to_str(), out / "encoder.pt")
-                save_tokenizer(tokenizer, out / "tokenizer.json")
-                val_loss = float(trainer.callback_metrics["val/loss"])
-                minutes = (time.perf_counter() - start) / 60
-                print(f"step {trainer.global_step}: val/loss {val_loss:.4f}, {minutes:.1f} min", flush=True)
+            if trainer.sanity_checking:
+                return
+            val_loss = float(trainer.callback_metrics["val/loss"])
+            if not math.isfinite(val_loss):  # diverged: keep the last good pair rather than write NaN weights
+                fail(f"val/loss is {val_loss} at step {trainer.global_step}: training diverged (try a lower --lr); "
+                     + (f"{out} keeps the pair from step {self.saved_step}" if self.saved_step else "nothing was written"))
+            save_encoder(lit.model, tokenizer.to_str(), out / "encoder.pt")
+            save_tokenizer(tokenizer, out / "tokenizer.json")
+            self.saved_step = trainer.global_step
+            minutes = (time.perf_counter() - start) / 60
+            print(f"step {trainer.global_step}: val/loss {val_loss:.4f}, {minutes:.1f} min", flush=True)
 
     steps_per_epoch = -(-len(train_ids) // args.batch_size)
     trainer = L.Trainer(
@@ -115,10 +132,15 @@ def main() -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         log_every_n_steps=50,
-        callbacks=[SaveEncoder()],
+        callbacks=[saver := SaveEncoder()],
     )
     val_loader = loader(val_ids, shuffle=False)
-    trainer.fit(lit, loader(train_ids, shuffle=True), val_loader)
+    try:
+        trainer.fit(lit, loader(train_ids, shuffle=True), val_loader)
+    except SIGTERMException:  # a SystemExit with status 0 from Lightning: say what was kept, and exit 143
+        kept = f"{out} holds the encoder and tokenizer of step {saver.saved_step}" if saver.saved_step else "nothing was written"
+        print(f"pretrain_imdb: stopped by SIGTERM at step {trainer.global_step}; {kept}", file=sys.stderr)
+        raise SystemExit(SIGTERM_EXIT_STATUS) from None
     if trainer.global_step % trainer.val_check_interval:  # the last steps ran after the last validation
         trainer.validate(lit, val_loader, verbose=False)
     val_loss = float(trainer.callback_metrics["val/loss"])

@@ -19,16 +19,19 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
 START = time.perf_counter()
+REPO = Path(__file__).resolve().parents[1]  # configs/ is found from any working folder
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 from torchmetrics.functional.classification import multiclass_f1_score  # noqa: E402
 
 from gru_nlp.checkpoint import load_checkpoint  # noqa: E402
 from gru_nlp.data import DataError  # noqa: E402
-from gru_nlp.lightning_cli import USER_ERRORS, run_cli  # noqa: E402
+from gru_nlp.lightning_cli import SIGTERM_EXIT_STATUS, USER_ERRORS, run_cli  # noqa: E402
 from gru_nlp.lit import LitClassifier  # noqa: E402
 
 
@@ -51,7 +54,7 @@ def main(argv: list[str]) -> None:
     # The arguments are this script's own, passed on: LightningCLI's warning about giving both is moot.
     warnings.filterwarnings("ignore", message=".*not recommended to provide both args and command line arguments")
     cli = run_cli(
-        ["--config", "configs/imdb.yaml", "--checkpoint.save_top_k", "-1", *argv],
+        ["--config", str(REPO / "configs/imdb.yaml"), "--checkpoint.save_top_k", "-1", *argv],
         program="train_imdb",
         extra_callbacks=[validations],
         run=False,
@@ -63,6 +66,14 @@ def main(argv: list[str]) -> None:
     except USER_ERRORS as err:  # as the gru-nlp command reports them
         print(f"train_imdb: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException:  # a SystemExit with status 0 from Lightning; last.ckpt was saved (the line above)
+        print(
+            "train_imdb: stopped by SIGTERM. This script does not resume: resume the fit with `gru-nlp fit --config "
+            "configs/imdb.yaml` plus this run's options and --ckpt_path <that last.ckpt>, then score its checkpoints "
+            "with `gru-nlp test`",
+            file=sys.stderr,
+        )
+        raise SystemExit(SIGTERM_EXIT_STATUS) from None
     fit_minutes = (time.perf_counter() - START) / 60
     checkpoint = cli.trainer.checkpoint_callback
     print(f"fit finished after {fit_minutes:.1f} min (tokenizer, encoding and all epochs); best: {checkpoint.best_model_path}")

@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--buckets", type=int, default=2**22)
     parser.add_argument("--order", type=int, default=3)
     args = parser.parse_args()
+    if args.epochs < 1 or min(args.lrs) <= 0:
+        parser.error("--epochs must be at least 1 and every --lrs above 0")
 
     started = time.perf_counter()
     data_by_carve = {}

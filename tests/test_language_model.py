@@ -188,6 +188,11 @@ def test_an_encoder_that_does_not_fit_the_model_is_named(encoder_file, tmp_path)
     with pytest.raises(EncoderError, match="not a file written by save_encoder") as not_torch:
         load_encoder(text)
     assert "\n" not in str(not_torch.value)  # one line, without torch's advice on weights_only
+    diverged = torch.load(path, weights_only=True)
+    diverged["weights"]["gru.weight_hh_l0"][0, 0] = float("nan")
+    torch.save(diverged, tmp_path / "diverged.pt")
+    with pytest.raises(EncoderError, match="gru.weight_hh_l0 hold NaN or infinite values"):
+        load_encoder(tmp_path / "diverged.pt")
 
 
 def _run(*command: str) -> subprocess.CompletedProcess:
@@ -238,9 +243,17 @@ def test_pretraining_refuses_bad_arguments_before_touching_its_output(tmp_path, 
     assert (tmp_path / "tokenizer.json").read_text() == "an earlier run's"
 
 
+def test_a_pretraining_that_diverges_writes_no_nan_encoder(tmp_path):
+    sizes = ["--embedding-dim", "8", "--hidden-size", "8", "--vocab-size", "200", "--max-length", "32", "--batch-size", "8"]
+    arguments = ["--data", str(REPO / "tests/fixtures/tiny"), "--splits", "train", "test", "--out", str(tmp_path), *sizes]
+    result = _run("scripts/pretrain_imdb.py", *arguments, "--lr", "1e30", "--epochs", "2")
+    assert result.returncode == 2 and "training diverged (try a lower --lr)" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "encoder.pt").exists()
+
+
 def test_pretraining_names_a_split_the_data_does_not_have(tmp_path):
     result = _run("scripts/pretrain_imdb.py", "--data", str(REPO / "tests/fixtures/tiny"), "--splits", "unsup", "--out", str(tmp_path))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("pretrain_imdb: error: ")
     assert "no split 'unsup'; it has test, train" in result.stderr
 
@@ -289,3 +302,13 @@ def test_train_imdb_names_itself_and_label_names_in_a_label_error(tmp_path):
     assert result.returncode == 2 and "not recommended to provide both args" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("train_imdb: error: label ") and "is not one of the classes ['neg', 'pos'] that label_names gives" in last
+
+
+def test_train_imdb_checks_its_output_folder_before_reading_data(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = _run(
+        "scripts/train_imdb.py", "--config", "configs/tiny.yaml", "--data.path", str(REPO / "tests/fixtures/tiny"),
+        "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path / "a_file"),
+    )  # fmt: skip
+    assert result.returncode == 2 and not (tmp_path / "cache").exists()  # refused before any data was read
+    assert result.stderr.strip().splitlines()[-1].startswith(f"train_imdb: error: the output folder {tmp_path / 'a_file'}")

@@ -629,3 +629,21 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_quality(tmp_path, sig, unint
     print(f"{sig.name}: uninterrupted {uninterrupted}, resumed {resumed}")
     assert abs(resumed["val/acc"] - uninterrupted["val/acc"]) <= ACC_TOLERANCE
     assert abs(resumed["val/loss"] - uninterrupted["val/loss"]) <= LOSS_TOLERANCE
+
+
+def test_train_imdb_stopped_by_sigterm_exits_143_and_says_how_to_resume(tmp_path):
+    command = [
+        sys.executable, str(REPO / "scripts/train_imdb.py"), "--config", str(REPO / "configs/tiny.yaml"),
+        "--data.path", str(REPO / "tests/fixtures/tiny"), "--data.cache_dir", str(tmp_path / "cache"),
+        "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_epochs", "500", "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    script = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in script.stdout:  # wait until training runs (the first epoch's summary line)
+        output.append(line)
+        if line.startswith("epoch 0"):
+            script.send_signal(signal.SIGTERM)
+            break
+    output += script.stdout.readlines()
+    assert script.wait(timeout=120) == SIGTERM_EXIT_STATUS, "".join(output)[-2000:]
+    assert "train_imdb: stopped by SIGTERM. This script does not resume" in "".join(output)
