@@ -5,7 +5,6 @@ columns, reading labels and carving validation are `gru_nlp.data`'s work.
 """
 
 import csv
-import logging
 import os
 import re
 from collections import defaultdict
@@ -14,8 +13,6 @@ from pathlib import Path
 
 import datasets
 from datasets import ClassLabel, Dataset, Features, Value
-
-log = logging.getLogger(__name__)
 
 DATA_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json"}
 SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
