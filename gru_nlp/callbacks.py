@@ -173,10 +173,13 @@ def checkpoints_on_disk(trainer: L.Trainer) -> int:
     return kept + 2
 
 
-def check_output_folder(folder: str | os.PathLike, needed_bytes: int = 0) -> None:
+def check_output_folder(
+    folder: str | os.PathLike, needed_bytes: int = 0, option: str = "--trainer.default_root_dir (or --checkpoint.dirpath)"
+) -> None:
     """Create `folder` if needed, and check that a file can be written there and that `needed_bytes` fit.
 
-    Remote folders (``s3://...``) are left to their file system.
+    Remote folders (``s3://...``) are left to their file system. `option` is the flag that chooses
+    the folder, named in the fix.
 
     Raises:
         OutputFolderError: naming the folder, the cause and the fix.
@@ -184,7 +187,7 @@ def check_output_folder(folder: str | os.PathLike, needed_bytes: int = 0) -> Non
     if "://" in str(folder):
         return
     folder = Path(folder).expanduser().absolute()
-    fix = "choose another folder with --trainer.default_root_dir (or --checkpoint.dirpath)"
+    fix = f"choose another folder with {option}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         # Write a real file: permission bits say nothing for root or on read-only mounts.

@@ -409,7 +409,7 @@ class TextDataModule(L.LightningDataModule):
         training_texts = set(_text_hashes(splits["train"])) if "train" in splits else set()
         for role in ("train", "val", "test"):
             if role in splits:
-                counts = Counter(splits[role]["labels"])
+                counts = Counter(_column(splits[role], "labels"))
                 source = "" if named[role] == role else f" ({named[role]})"
                 shown = " / ".join(f"{counts[i]:,}" for i in range(len(names)))
                 if role != "train" and (seen := sum(text in training_texts for text in _text_hashes(splits[role]))):
@@ -499,7 +499,7 @@ class TextDataModule(L.LightningDataModule):
         return kept, val
 
     def _check_carve_keeps_every_class(self, before: Dataset, after: Dataset, source: str) -> None:
-        missing = sorted(set(before["labels"]) - set(after["labels"]))
+        missing = sorted(set(_column(before, "labels")) - set(_column(after, "labels")))
         if missing:
             names = [self._label_names[class_id] for class_id in missing]
             raise DataError(

@@ -77,10 +77,10 @@ def main() -> None:
 
     out = Path(args.out)
     try:
-        check_output_folder(out)  # before minutes of tokenizer training, not after
+        check_output_folder(out, option="--out")  # before minutes of tokenizer training, not after
         texts = load_texts(args.data, args.splits, args.text_field)
     except (DataError, OutputFolderError) as err:
-        fail(str(err).replace("--trainer.default_root_dir (or --checkpoint.dirpath)", "--out"))
+        fail(str(err))
     if len(texts) < 2:
         fail(f"{args.data} has {len(texts)} non-blank texts in {', '.join(args.splits)}; at least 2 are needed")
     try:
