@@ -23,16 +23,21 @@ for a text with nothing to read, and ``"explanation"`` with ``--explain``).
 
 Mistakes (a missing file, a bad checkpoint, a missing column, bad JSON, a csv quote left
 open, a file that is not parquet, bytes that are not UTF-8) print one line to stderr and exit with status 2, without a traceback.
+Stopped by SIGTERM or Ctrl-C, it exits with status 143 or 130, and an ``--output`` file keeps what
+it held before (nothing half-written is left, under its name or beside it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -87,7 +92,11 @@ def main(argv: list[str] | None = None) -> None:
     """Run ``gru-nlp classify`` with ``argv`` (without the ``classify`` word)."""
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        with _sigterm_as_exit():
+            run(args)
+    except KeyboardInterrupt:  # Ctrl-C: the unfinished --output file is already removed; no traceback
+        print("gru-nlp classify: interrupted", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     except BrokenPipeError:  # the reader stopped early (`| head`): not an error
         # Python would complain again when flushing stdout at exit: point it at /dev/null.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -164,6 +173,27 @@ def write_lines(
             progress.update(len(chunk))
     if progress is not None:
         progress.close()
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM (``kill``, a scheduler's time limit) into SystemExit(143) while the block runs.
+
+    Python's default for SIGTERM ends the process at once, leaving the unfinished temporary
+    ``--output`` file behind; as an exception it unwinds through `atomic_write`, which removes it.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def exit_143(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_143)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _stdin_lines() -> Iterator[str]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -247,3 +249,30 @@ def test_a_lone_dash_argument_is_a_text_not_stdin(tiny_checkpoint):
     )
     assert result.returncode == 0, result.stderr
     check_records([json.loads(line) for line in result.stdout.splitlines()], ["-"])
+
+
+def test_sigterm_leaves_the_output_file_as_it_was_and_no_temporary_file(tiny_checkpoint, tmp_path):
+    output = _write(tmp_path / "out.jsonl", "the previous predictions\n")
+    command = [sys.executable, "-m", "gru_nlp.cli", "classify", "--ckpt", str(tiny_checkpoint), "--output", str(output)]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdin.write(b"a bad film\n")
+    process.stdin.flush()  # stdin stays open: classify waits for more lines, its temporary file open
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.jsonl.*.tmp")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".out.jsonl.*.tmp")), "the temporary output file never appeared"
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    assert process.returncode == 143, process.stderr.read()
+    assert output.read_text() == "the previous predictions\n" and sorted(tmp_path.iterdir()) == [output]
+
+
+def test_ctrl_c_exits_130_without_a_traceback_and_keeps_the_output(tiny_checkpoint, capsys, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("gru_nlp.classify.TextClassifier.predict", interrupted)
+    output = _write(tmp_path / "out.jsonl", "the previous predictions\n")
+    code, printed, err = run(capsys, ["--ckpt", str(tiny_checkpoint), "--output", str(output), "a bad film"])
+    assert code == 130 and printed == [] and err == "gru-nlp classify: interrupted\n"
+    assert output.read_text() == "the previous predictions\n" and sorted(tmp_path.iterdir()) == [output]
