@@ -101,7 +101,8 @@ class GruNlpCLI(LightningCLI):
             if differing:  # LightningCLI puts the checkpoint's settings in the config: say so
                 shown = ", ".join(f"{name} {trained_model[name]!r} (not {config.model[name]!r})" for name in differing)
                 rank_zero_info(f"Scoring with the checkpoint's model settings: {shown}")
-            _adopt_the_checkpoints_carve(config.data, checkpoint.get("datamodule_hyper_parameters", {}))
+        # A resumed fit, too: on another carve it would validate on rows it has trained on.
+        _adopt_the_checkpoints_carve(config.data, checkpoint.get("datamodule_hyper_parameters", {}))
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config  # no subcommand with run=False
@@ -270,7 +271,8 @@ def _adopt_the_checkpoints_encoding(data: Any, checkpoint: dict, ckpt_path: str)
 
 
 def _adopt_the_checkpoints_carve(data: Any, trained_data: dict) -> None:
-    """On the fit's own data, a validation split carved from training must be the one the fit held out."""
+    """On the fit's own data, a validation split carved from training must be the one the fit held out
+    (when scoring a checkpoint, and when resuming its fit)."""
     same_data = _same_source(trained_data.get("path"), data.path) and trained_data.get("name") == data.name
     for setting in _CARVE_SETTINGS if same_data else ():
         trained, configured = trained_data.get(setting), getattr(data, setting)
@@ -322,8 +324,9 @@ def _same_source(first: str | None, second: str | None) -> bool:
 
 
 def _run_settings(model_hparams: dict, data_hparams: dict, seed: Any) -> dict[str, Any]:
-    """What makes two fits the same run, by CLI name: the seed, and the model and data settings."""
-    settings = {f"model.{name}": value for name, value in model_hparams.items()}
+    """What makes two fits the same run, by CLI name: the seed, and the model and data settings
+    (less `encoder_path`, which only started the weights the checkpoint now holds)."""
+    settings = {f"model.{name}": value for name, value in model_hparams.items() if name != "encoder_path"}
     settings.update({f"data.{name}": value for name, value in data_hparams.items() if name not in _SETTINGS_THAT_KEEP_A_RUN})
     if seed is not None:
         settings["seed_everything"] = seed

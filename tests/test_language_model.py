@@ -232,6 +232,12 @@ def test_pretrain_then_fine_tune_with_the_gru_nlp_command(tmp_path):
     # Nor does resuming the fit: the checkpoint replaces the weights the encoder started.
     resumed = _run(*fit, "--data.tokenizer_path", str(pretrained / "tokenizer.json"), "--ckpt_path", str(checkpoint), "--trainer.max_epochs", "2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # --ckpt_path last finds that run without the encoder (gone now) named again.
+    without_encoder = fit[: fit.index("--model.encoder_path")]
+    resumed_last = _run(*without_encoder, "--data.tokenizer_path", str(pretrained / "tokenizer.json"), "--ckpt_path", "last",
+                        "--trainer.max_epochs", "3")  # fmt: skip
+    assert resumed_last.returncode == 0, resumed_last.stderr[-3000:]
+    assert "Resuming from" in resumed_last.stdout + resumed_last.stderr
 
 
 @pytest.mark.parametrize("arguments", [["--lr", "-1"], ["--max-length", "1"]])

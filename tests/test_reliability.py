@@ -130,6 +130,19 @@ def test_scoring_a_checkpoint_validates_on_the_rows_its_fit_held_out(tmp_path):
     assert validate("--data.path", same_folder, "--data.seed", "1") == validate()
 
 
+def test_a_resumed_fit_validates_on_the_rows_its_first_fit_held_out(tmp_path, caplog):
+    first = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
+    held_out = sorted(first.datamodule._text_splits()["val"]["text"])
+    (last,) = last_checkpoints(tmp_path)
+    # Resumed without the fit's settings (here: other ones), a new carve would validate on trained rows.
+    with caplog.at_level("INFO"):
+        resumed = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "2", "--data.seed", "1", "--data.val_size", "0.5",
+                                    "--ckpt_path", str(last)))  # fmt: skip
+    assert sorted(resumed.datamodule._text_splits()["val"]["text"]) == held_out
+    assert "Using the checkpoint's data.val_size 0.2, not 0.5" in caplog.text
+    assert resumed.trainer.global_step == 2 * STEPS_PER_EPOCH
+
+
 def test_a_seeded_cpu_run_is_deterministic_given_its_tokenizer(tmp_path):
     # Tokenizer training breaks frequency ties differently in every process, so runs compare
     # equal only with the same tokenizer: the cached one here, or --data.tokenizer_path.
