@@ -40,9 +40,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DistributedSampler, Sampler
 
-# The tokenizer reserves id 0 for [PAD] (gru_nlp.tokenizer.PAD_ID); this module
-# imports torch only, so the value is repeated here.
-PAD_ID = 0
+from gru_nlp.tokenizer import PAD_ID
 
 
 class BucketBatchSampler(BatchSampler):

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("give texts as arguments or --input, not both")
     if args.input is not None and args.input.is_dir():
         raise ValueError(f"--input {args.input} is a folder: name the file of texts")
-    if args.input is not None and not args.input.is_file():
+    if args.input is not None and not args.input.exists():  # a pipe (`--input <(...)`) is read as a file
         raise FileNotFoundError(f"input file not found: {args.input}")
     if args.output is not None and args.output.is_dir():
         raise ValueError(f"--output {args.output} is a folder: name the file to write")

@@ -29,6 +29,7 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from gru_nlp.files import atomic_write
 from gru_nlp.gru import PaddingSafeGRU
 
 ENCODER_FORMAT = "gru-nlp-encoder/1"
@@ -153,12 +154,10 @@ class BiGRULanguageModel(nn.Module):
 
 
 def save_encoder(model: BiGRULanguageModel, tokenizer_json: str, path: str | Path) -> None:
-    """Write the pretrained encoder with the tokenizer it was trained with (staged, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(path.name + ".partial")
-    torch.save({"format": ENCODER_FORMAT, "tokenizer": tokenizer_json, "weights": model.encoder_weights()}, staged)
-    staged.replace(path)
+    """Write the pretrained encoder with the tokenizer it was trained with (`atomic_write`: a failed
+    save leaves the previous file whole)."""
+    with atomic_write(Path(path), binary=True, sync=True) as file:
+        torch.save({"format": ENCODER_FORMAT, "tokenizer": tokenizer_json, "weights": model.encoder_weights()}, file)
 
 
 def load_encoder(path: str | Path) -> dict:

@@ -2,8 +2,8 @@
 
 The tokenizer is a plain `tokenizers.Tokenizer` so that it can be saved as one
 `tokenizer.json` next to a checkpoint and loaded at inference without `datasets`.
-Id 0 is always `[PAD]` and id 1 is always `[UNK]`; the model and the collate
-function rely on the padding id being 0.
+Id 0 is always `[PAD]` and id 1 is always `[UNK]`; the collate function pads
+with `PAD_ID`, and the model is told the padding id (`pad_id`).
 """
 
 import os

@@ -47,9 +47,13 @@ def test_missing_file(tmp_path):
         load_checkpoint(tmp_path / "nowhere.ckpt")
 
 
-def test_directory(tmp_path):
-    with pytest.raises(CheckpointError, match="directory"):
+def test_directory_and_special_files_are_named_for_what_they_are(tmp_path):
+    with pytest.raises(CheckpointError, match="is a directory"):
         load_checkpoint(tmp_path)
+    os.mkfifo(tmp_path / "pipe")
+    for special in ("/dev/null", tmp_path / "pipe"):
+        with pytest.raises(CheckpointError, match=r"is not a regular file \(a device or a pipe\)"):
+            load_checkpoint(special)
 
 
 def test_no_path_and_a_pretrained_encoder_file_are_named_for_what_they_are(tmp_path):

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pyarrow as pa
@@ -276,3 +277,14 @@ def test_ctrl_c_exits_130_without_a_traceback_and_keeps_the_output(tiny_checkpoi
     code, printed, err = run(capsys, ["--ckpt", str(tiny_checkpoint), "--output", str(output), "a bad film"])
     assert code == 130 and printed == [] and err == "gru-nlp classify: interrupted\n"
     assert output.read_text() == "the previous predictions\n" and sorted(tmp_path.iterdir()) == [output]
+
+
+def test_a_named_pipe_is_read_as_an_input_file(tiny_checkpoint, capsys, tmp_path):
+    pipe = tmp_path / "texts"  # as bash's `--input <(...)` gives: /dev/fd/N, a pipe
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=lambda: pipe.write_text("a bad film\ngood\n"), daemon=True)
+    writer.start()
+    code, printed, err = run(capsys, ["--ckpt", str(tiny_checkpoint), "--input", str(pipe)])
+    writer.join(timeout=60)
+    assert code == 0, err
+    assert [record["text"] for record in printed] == ["a bad film", "good"]
