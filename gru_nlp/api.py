@@ -28,6 +28,7 @@ Decisions a user should know:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import html
@@ -508,14 +509,7 @@ def _word_of(span: tuple[int | None, int | None], starts: list[int], spans: list
     if start is None:
         return None
     # The last word starting at or before the token; it holds the token if it ends after it.
-    low, high = 0, len(starts)
-    while low < high:
-        middle = (low + high) // 2
-        if starts[middle] <= start:
-            low = middle + 1
-        else:
-            high = middle
-    word = low - 1
+    word = bisect.bisect_right(starts, start) - 1
     return word if word >= 0 and start < spans[word][1] else None
 
 

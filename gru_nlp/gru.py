@@ -57,8 +57,8 @@ def reverse_within_lengths(x: Tensor, lengths: Tensor) -> Tensor:
     steps = torch.arange(x.size(1), device=x.device)  # (T,)
     reversed_steps = lengths[:, None] - 1 - steps[None, :]  # (B, T)
     index = torch.where(reversed_steps >= 0, reversed_steps, steps[None, :])  # (B, T)
-    index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x)
-    return x.gather(1, index)
+    index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x)  # (B, T, ...) as x
+    return x.gather(1, index)  # (B, T, ...)
 
 
 def _reversal_rows(lengths: Tensor, steps: int) -> Tensor:
@@ -232,7 +232,8 @@ def _input_projections(x: Tensor, w_ih_t: Tensor, bias: Tensor) -> Iterator[tupl
     for start in range(0, steps, chunk_steps):
         stop = min(start + chunk_steps, steps)
         rows = (stop - start) * batch
-        gi = torch.baddbmm(bias, x[:, start:stop].reshape(num_directions, rows, -1), w_ih_t, out=gi_chunk[:, :rows])
+        inputs = x[:, start:stop].reshape(num_directions, rows, -1)  # (D, C*B, E)
+        gi = torch.baddbmm(bias, inputs, w_ih_t, out=gi_chunk[:, :rows])  # (D, C*B, 3H)
         yield from enumerate(gi.view(num_directions, stop - start, batch, -1).unbind(1), start)
 
 
@@ -462,7 +463,7 @@ class PaddingSafeGRU(nn.Module):
                 directions.append(_select_rows(hidden, rows))
             weights = zip(*(self.layer_weights(layer, reverse) for reverse in (False, True)[: self.num_directions]))
             w_ih, w_hh, b_ih, b_hh = (torch.stack(w) for w in weights)  # (D, 3H, E_l), (D, 3H, H), (D, 3H), (D, 3H)
-            layer_inputs = (torch.stack(directions), w_ih, self._drop_recurrent(w_hh), b_ih, b_hh)
+            layer_inputs = (torch.stack(directions), w_ih, self._drop_recurrent(w_hh), b_ih, b_hh)  # x: (D, T', B, E_l)
             if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in layer_inputs):
                 states = _FusedGRULayer.apply(*layer_inputs)  # (D, T', B, H)
             else:  # inference: the loop alone, without the factors backward would need

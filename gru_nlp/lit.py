@@ -189,7 +189,7 @@ class LitClassifier(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self._validation_sides:
             return
-        gru_logits, ngram_logits, labels = (torch.cat(parts) for parts in zip(*self._validation_sides))
+        gru_logits, ngram_logits, labels = (torch.cat(parts) for parts in zip(*self._validation_sides))  # (N, K), (N, K), (N,)
         self._validation_sides.clear()
         # Every process fits on all processes' validation examples, so all get the same weights.
         everyone = [self._gather_rows(part) for part in (gru_logits, ngram_logits, labels)]

@@ -295,7 +295,8 @@ def fit_side_weights(
 
         def closure() -> Tensor:
             optimizer.zero_grad()
-            loss = F.cross_entropy((log_weights.exp()[:, None, None] * sides).sum(dim=0), labels)
+            weighted = (log_weights.exp()[:, None, None] * sides).sum(dim=0)  # (N, K)
+            loss = F.cross_entropy(weighted, labels)
             loss = loss + penalty * log_weights.square().sum()
             loss.backward()
             return loss
@@ -392,7 +393,8 @@ class BiGRUClassifier(nn.Module):
                 n-gram bag.
 
         Returns:
-            ClassifierOutput with logits (B, K) and attention (B, T).
+            ClassifierOutput with logits (B, K) and attention (B, T); with the n-gram bag also
+            each side's own scores, gru_logits and ngram_logits (B, K).
         """
         mask = lengths_to_mask(lengths.to(input_ids.device), input_ids.size(1))  # (B, T)
         if embedded is None:

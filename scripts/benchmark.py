@@ -78,6 +78,7 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict:
     classes = sorted({train["label"][i] for i in train_rows})  # ids for string labels too ("neg", "pos")
     encoded = {
         "vocab_size": tokenizer.get_vocab_size(),
+        "num_classes": len(classes),
         "train_ids": encode(tokenizer, [train["text"][i] for i in train_rows], args.max_length, "head"),
         "train_labels": [classes.index(train["label"][i]) for i in train_rows],
         "test_ids": encode(tokenizer, [test["text"][i] for i in test_rows], args.max_length, "head"),
@@ -97,7 +98,8 @@ def padded(sequences: list[list[int]], width: int) -> torch.Tensor:
 def run_baseline(args: argparse.Namespace, encoded: dict) -> dict:
     torch.manual_seed(0)
     settings = model_settings(args.config)
-    model = NaiveBiGRU(encoded["vocab_size"], **{name: settings[name] for name in SIZE_SETTINGS if name in settings})
+    sizes = {name: settings[name] for name in SIZE_SETTINGS if name in settings}
+    model = NaiveBiGRU(encoded["vocab_size"], num_classes=encoded["num_classes"], **sizes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     inputs = padded(encoded["train_ids"], args.max_length)  # (N, T)
     labels = torch.tensor(encoded["train_labels"])
@@ -174,7 +176,7 @@ def run_shipped(args: argparse.Namespace, encoded: dict, variant: str) -> dict |
             sampler = BucketBatchSampler(lengths, args.batch_size // processes, shuffle=True)
             return DataLoader(examples, batch_sampler=sampler, collate_fn=collate)
 
-    model = LitClassifier(encoded["vocab_size"], 2, **model_settings(args.config))
+    model = LitClassifier(encoded["vocab_size"], encoded["num_classes"], **model_settings(args.config))
     throughput = Throughput()
     trainer = L.Trainer(
         accelerator="cpu",
