@@ -10,7 +10,7 @@ per direction, N predicted positions.
 This is the bidirectional language model of ELMo (Peters et al. 2018) cut to one layer:
 a second stacked layer would read both directions of the first, so its left-to-right
 state at t would already have seen token t+1. `BiGRUClassifier` then starts from the
-embedding and first GRU layer (`encoder_weights`, `save_encoder`, `load_encoder`); its
+embedding and first GRU layer (`encoder_weights`; the file is `gru_nlp/encoder.py`'s); its
 upper layers, pooling and head start fresh.
 
 The softmax over V tokens is estimated in training from each target and a few hundred
@@ -21,28 +21,11 @@ torch's `nn.AdaptiveLogSoftmaxWithLoss` ran at about half this one's speed in a 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
-from tokenizers import Tokenizer
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from gru_nlp.files import atomic_write
 from gru_nlp.gru import PaddingSafeGRU
-
-ENCODER_FORMAT = "gru-nlp-encoder/1"
-# The classifier parameters a pretrained encoder provides (BiGRUClassifier's names).
-ENCODER_PARAMETERS = tuple(
-    ["embedding.weight"]
-    + [f"gru.{name}_l0{suffix}" for suffix in ("", "_reverse") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-)
-
-
-class EncoderError(ValueError):
-    """A pretrained encoder file that cannot be read or does not fit the model."""
-
 
 class SampledSoftmax(nn.Module):
     """Softmax cross-entropy over C classes, estimated in training from a sample of classes.
@@ -151,66 +134,3 @@ class BiGRULanguageModel(nn.Module):
         weights = {"embedding.weight": self.embedding.weight}
         weights |= {f"gru.{name}": value for name, value in self.gru.named_parameters()}
         return {name: value.detach().cpu().clone() for name, value in weights.items()}
-
-
-def save_encoder(model: BiGRULanguageModel, tokenizer_json: str, path: str | Path) -> None:
-    """Write the pretrained encoder with the tokenizer it was trained with (`atomic_write`: a failed
-    save leaves the previous file whole)."""
-    with atomic_write(Path(path), binary=True, sync=True) as file:
-        torch.save({"format": ENCODER_FORMAT, "tokenizer": tokenizer_json, "weights": model.encoder_weights()}, file)
-
-
-def load_encoder(path: str | Path) -> dict:
-    """Read an encoder file from `save_encoder`: {"format", "tokenizer", "weights"}."""
-    path = Path(path)
-    if not path.is_file():
-        raise EncoderError(f"pretrained encoder {path}: no such file")
-    try:
-        encoder = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: pickle, zip and torch errors all mean "not an encoder"
-        # torch's messages run to many lines (advice on weights_only that does not apply here): keep the first.
-        detail = next(iter(str(err).strip().splitlines()), "")
-        raise EncoderError(f"pretrained encoder {path}: not a file written by save_encoder ({type(err).__name__}: {detail})") from None
-    if not isinstance(encoder, dict) or encoder.get("format") != ENCODER_FORMAT:
-        raise EncoderError(f"pretrained encoder {path}: not a file written by save_encoder (format {ENCODER_FORMAT} expected)")
-    weights, tokenizer = encoder.get("weights"), encoder.get("tokenizer")
-    if not isinstance(weights, dict) or not isinstance(tokenizer, str):
-        raise EncoderError(f"pretrained encoder {path}: no weights or tokenizer in it")
-    missing = [name for name in ENCODER_PARAMETERS if not isinstance(weights.get(name), Tensor)]
-    if missing:
-        raise EncoderError(f"pretrained encoder {path}: missing {', '.join(missing)}")
-    broken = [name for name in ENCODER_PARAMETERS if not torch.isfinite(weights[name]).all()]
-    if broken:  # a pretraining that diverged: fine-tuning from it would train NaNs
-        raise EncoderError(f"pretrained encoder {path}: {', '.join(broken)} hold NaN or infinite values")
-    return encoder
-
-
-def check_encoder_tokenizer(encoder: dict, tokenizer: Tokenizer, source: str | Path) -> None:
-    """Refuse a tokenizer other than the encoder's: its embedding rows mean the tokens they were trained on."""
-    ours, theirs = json.loads(tokenizer.to_str()), json.loads(encoder["tokenizer"])
-    if any(ours.get(part) != theirs.get(part) for part in ("normalizer", "pre_tokenizer", "model")):
-        raise EncoderError(
-            f"pretrained encoder {source} was trained with another tokenizer than the data's: pass "
-            "--data.tokenizer_path with the tokenizer.json saved beside it"
-        )
-
-
-def copy_encoder(model: nn.Module, weights: dict[str, Tensor], source: str | Path) -> None:
-    """Copy pretrained encoder weights into a `BiGRUClassifier`'s embedding and first GRU layer."""
-    parameters = dict(model.named_parameters())
-    if parameters["embedding.weight"].size(0) != weights["embedding.weight"].size(0):
-        raise EncoderError(
-            f"pretrained encoder {source} has {weights['embedding.weight'].size(0)} token embeddings and the model "
-            f"{parameters['embedding.weight'].size(0)}: train with the tokenizer saved beside it (--data.tokenizer_path)"
-        )
-    for name in ENCODER_PARAMETERS:
-        if name not in parameters:
-            raise EncoderError(f"pretrained encoder {source}: the model has no {name} (a bidirectional GRU is needed)")
-        if parameters[name].shape != weights[name].shape:
-            raise EncoderError(
-                f"pretrained encoder {source}: {name} is {tuple(weights[name].shape)} there and "
-                f"{tuple(parameters[name].shape)} in the model: pretrain with the model's embedding_dim and hidden_size"
-            )
-    with torch.no_grad():
-        for name in ENCODER_PARAMETERS:
-            parameters[name].copy_(weights[name])

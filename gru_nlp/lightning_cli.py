@@ -31,7 +31,7 @@ from gru_nlp.callbacks import (
 )
 from gru_nlp.checkpoint import CHECKPOINT_KEY, CheckpointError, load_checkpoint, stored_tokenizer
 from gru_nlp.data import DataError, TextDataModule, tokenizer_cache_folder
-from gru_nlp.language_model import EncoderError
+from gru_nlp.encoder import EncoderError
 from gru_nlp.lit import LitClassifier
 from gru_nlp.model import SettingError
 from gru_nlp.tokenizer import load_tokenizer, save_tokenizer

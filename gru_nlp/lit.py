@@ -16,7 +16,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from gru_nlp.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY
-from gru_nlp.language_model import BiGRULanguageModel, check_encoder_tokenizer, copy_encoder, load_encoder
+from gru_nlp.encoder import check_encoder_tokenizer, copy_encoder, load_encoder
+from gru_nlp.language_model import BiGRULanguageModel
 from gru_nlp.model import BiGRUClassifier, NgramFeatures, Pooling, SettingError, check_settings, fit_side_weights
 from gru_nlp.tokenizer import save_tokenizer
 

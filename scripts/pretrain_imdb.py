@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from gru_nlp.batching import BucketBatchSampler, collate
 from gru_nlp.callbacks import OutputFolderError, check_output_folder
 from gru_nlp.data import DataError, load_texts
-from gru_nlp.language_model import save_encoder
+from gru_nlp.encoder import save_encoder
 from gru_nlp.lightning_cli import SIGTERM_EXIT_STATUS
 from gru_nlp.lit import LitLanguageModel
 from gru_nlp.tokenizer import PAD_ID, encode, save_tokenizer, train_tokenizer

@@ -11,14 +11,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from gru_nlp.language_model import (
-    ENCODER_PARAMETERS,
-    BiGRULanguageModel,
-    EncoderError,
-    SampledSoftmax,
-    load_encoder,
-    save_encoder,
-)
+from gru_nlp.encoder import ENCODER_PARAMETERS, EncoderError, load_encoder, save_encoder
+from gru_nlp.language_model import BiGRULanguageModel, SampledSoftmax
 from gru_nlp.lit import LitClassifier
 
 REPO = Path(__file__).resolve().parents[1]
