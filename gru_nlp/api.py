@@ -39,7 +39,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, overload
+from typing import Literal, get_args, overload
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ from gru_nlp.model import BiGRUClassifier
 from gru_nlp.tokenizer import UNK_ID, encode, kept_positions
 
 Method = Literal["attention", "integrated_gradients", "grad_x_input"]
-METHODS = ("attention", "integrated_gradients", "grad_x_input")
+METHODS: tuple[str, ...] = get_args(Method)
 INTEGRATED_GRADIENTS_STEPS = 32
 
 

@@ -9,9 +9,12 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import Literal, get_args
 
 from gru_nlp.sources import DataError
 
+ValCarve = Literal["random", "tail", "sentences"]
+VAL_CARVES: tuple[str, ...] = get_args(ValCarve)
 # `sentence_rows` holds every run of words of the whole texts in memory: SST-2 has 5.5M.
 MAX_WORD_RUNS = 50_000_000
 

@@ -20,12 +20,12 @@ import torch
 from tokenizers import Tokenizer
 
 from gru_nlp.model import BiGRUClassifier
+from gru_nlp.tokenizer import TRUNCATIONS
 
 # Everything inference needs besides the weights lives under this key of a checkpoint
 # (LitClassifier writes it); this module reads checkpoints without importing Lightning.
 CHECKPOINT_KEY = "gru_nlp"
 CHECKPOINT_FORMAT = 1
-TRUNCATIONS = ("head", "head_tail")
 # BiGRUClassifier's constructor arguments, as LitClassifier saves them in hyper_parameters.
 MODEL_ARGUMENTS = (
     "vocab_size",

@@ -15,7 +15,7 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 from datasets import ClassLabel, Dataset, Features, Value
@@ -25,10 +25,19 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from gru_nlp.batching import BucketBatchSampler, collate
-from gru_nlp.carve import sentence_rows, tail_rows
+from gru_nlp.carve import VAL_CARVES, ValCarve, sentence_rows, tail_rows
 from gru_nlp.labels import integer_label_ids
 from gru_nlp.sources import DataError, DataNotFoundError, HubUnreachableError, load_raw_splits  # noqa: F401 (errors re-exported)
-from gru_nlp.tokenizer import PAD_ID, SPECIAL_TOKENS, encode, load_tokenizer, save_tokenizer, train_tokenizer
+from gru_nlp.tokenizer import (
+    PAD_ID,
+    SPECIAL_TOKENS,
+    TokenizerModel,
+    Truncation,
+    encode,
+    load_tokenizer,
+    save_tokenizer,
+    train_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +149,15 @@ class TextDataModule(L.LightningDataModule):
         val_split: str | None = None,
         test_split: str | None = "test",
         val_size: float = 0.1,
-        val_carve: Literal["random", "tail", "sentences"] = "random",
+        val_carve: ValCarve = "random",
         seed: int = 42,
         tokenizer_path: str | None = None,
         vocab_size: int = 30000,
-        tokenizer_model: Literal["wordpiece", "bpe"] = "wordpiece",
+        tokenizer_model: TokenizerModel = "wordpiece",
         lowercase: bool = True,
         min_frequency: int = 2,
         max_length: int = 512,
-        truncation: Literal["head", "head_tail"] = "head_tail",
+        truncation: Truncation = "head_tail",
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         pool_size: int = 50,
@@ -165,7 +174,7 @@ class TextDataModule(L.LightningDataModule):
             raise DataError(f"eval_batch_size must be positive, got {eval_batch_size}")
         if val_size >= 1 and not float(val_size).is_integer():
             raise DataError(f"val_size must be a fraction below 1 or a whole count, got {val_size}")
-        if val_carve not in ("random", "tail", "sentences"):
+        if val_carve not in VAL_CARVES:
             raise DataError(f"val_carve must be 'random', 'tail' or 'sentences', got {val_carve!r}")
         if text_field == label_field:
             raise DataError(f"text_field and label_field are both {text_field!r}: the labels would be the texts")

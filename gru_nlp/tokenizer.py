@@ -10,11 +10,17 @@ import os
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from gru_nlp.files import atomic_write
+
+TokenizerModel = Literal["wordpiece", "bpe"]
+TOKENIZER_MODELS: tuple[str, ...] = get_args(TokenizerModel)
+# Which tokens a text longer than max_length keeps (`encode`).
+Truncation = Literal["head", "head_tail"]
+TRUNCATIONS: tuple[str, ...] = get_args(Truncation)
 
 PAD_TOKEN = "[PAD]"
 UNK_TOKEN = "[UNK]"
@@ -34,7 +40,7 @@ _LONGEST_WORD = 1000
 def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int = 30000,
-    model: Literal["wordpiece", "bpe"] = "wordpiece",
+    model: TokenizerModel = "wordpiece",
     lowercase: bool = True,
     min_frequency: int = 2,
 ) -> Tokenizer:
@@ -59,7 +65,7 @@ def train_tokenizer(
     Raises:
         ValueError: If an argument is out of range or `texts` is empty.
     """
-    if model not in ("wordpiece", "bpe"):
+    if model not in TOKENIZER_MODELS:
         raise ValueError(f"model must be 'wordpiece' or 'bpe', got {model!r}")
     if vocab_size < len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS)}, got {vocab_size}")
@@ -155,7 +161,7 @@ def encode(
     tokenizer: Tokenizer,
     texts: list[str],
     max_length: int,
-    truncation: Literal["head", "head_tail"] = "head_tail",
+    truncation: Truncation = "head_tail",
 ) -> list[list[int]]:
     """Encode texts to token ids, truncated to at most `max_length` tokens.
 
@@ -194,11 +200,11 @@ def encode(
     return sequences
 
 
-def kept_positions(num_tokens: int, max_length: int, truncation: Literal["head", "head_tail"]) -> list[int]:
+def kept_positions(num_tokens: int, max_length: int, truncation: Truncation) -> list[int]:
     """Which of a text's `num_tokens` token positions `encode` keeps, in order (see `encode`)."""
     if max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {max_length}")
-    if truncation not in ("head", "head_tail"):
+    if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be 'head' or 'head_tail', got {truncation!r}")
     if num_tokens <= max_length:
         return list(range(num_tokens))
