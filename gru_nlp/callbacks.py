@@ -37,6 +37,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from gru_nlp.checkpoint import CheckpointError, non_finite_weights
 from gru_nlp.files import atomic_write
 
 # A checkpoint holds the weights and AdamW's two moment estimates, each the size of the weights.
@@ -298,7 +299,8 @@ class ResumeCheckpoint(ModelCheckpoint):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint to a temporary file beside its target, sync it, then rename it into place.
+    """Write each checkpoint to a temporary file beside its target, sync it, then rename it into place;
+    refuse one whose weights hold NaN or infinite values (training diverged): an error, not a save.
 
     ``os.replace`` within one folder is atomic, so a reader (or a resume after a kill) sees the
     old checkpoint or the new one, never half of one; a kill mid-write leaves only a
@@ -307,6 +309,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        broken = non_finite_weights(checkpoint.get("state_dict", {}))
+        if broken:  # a diverged training must not replace a good last.ckpt, nor become the best checkpoint
+            raise CheckpointError(
+                f"training diverged: at epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}, "
+                f"{', '.join(broken[:3])}{' and more' if len(broken) > 3 else ''} hold NaN or infinite values. "
+                f"{path} was not written; the checkpoints saved before are kept. Lower --model.lr, or clip "
+                "gradients (--trainer.gradient_clip_val)"
+            )
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return

@@ -162,8 +162,20 @@ def build_model(
     except RuntimeError as error:
         detail = " ".join(str(error).split())
         raise CheckpointError(f"{source}: the weights do not fit the model described by hyper_parameters: {detail}") from None
+    broken = non_finite_weights(state_dict)
+    if broken:  # every prediction would be NaN, or the first class
+        raise CheckpointError(f"{source}: {', '.join(broken)} hold NaN or infinite values (its training diverged)")
     model.eval()
     return model, tokenizer, list(extras["label_names"]), extras["max_length"], extras["truncation"]
+
+
+def non_finite_weights(state_dict: dict[str, Any]) -> list[str]:
+    """The names of the floating-point tensors in ``state_dict`` that hold a NaN or an infinity."""
+    return [
+        name
+        for name, value in state_dict.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()
+    ]
 
 
 def stored_tokenizer(checkpoint: dict[str, Any], source: str | Path = "checkpoint") -> Tokenizer:

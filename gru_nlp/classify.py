@@ -123,6 +123,8 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--output {args.output} is a folder: name the file to write")
     if args.output is not None and args.input is not None and args.output.resolve() == args.input.resolve():
         raise ValueError(f"--output {args.output} is the --input file: the predictions would replace the texts")
+    if args.output is not None and args.output.resolve() == args.ckpt.resolve():
+        raise ValueError(f"--output {args.output} is the --ckpt file: the predictions would replace the model")
     reads_columns = not args.texts and args.input is not None and args.input.suffix.lower() in COLUMN_SUFFIXES
     if args.text_field is not None and not reads_columns:
         if args.texts:

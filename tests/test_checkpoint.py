@@ -138,8 +138,9 @@ def test_bad_metadata(tiny_checkpoint, tmp_path, mutate, message):
         (_set("gru_nlp", "tokenizer", '{"version": "1.0", "model": {"type": "Wor'), "tokenizer is corrupt"),
         (_set("hyper_parameters", "hidden_size", 7), "weights do not fit"),
         (_set("hyper_parameters", "pooling", "sum"), "do not describe a valid model"),
+        (lambda data: data["state_dict"]["model.classifier.bias"].fill_(float("nan")), "classifier.bias hold NaN or infinite"),
     ],
-    ids=["tokenizer", "shape-mismatch", "bad-pooling"],
+    ids=["tokenizer", "shape-mismatch", "bad-pooling", "diverged-weights"],
 )
 def test_bad_contents_found_when_building(tiny_checkpoint, tmp_path, mutate, message):
     path = resave(tiny_checkpoint, tmp_path / "bad.ckpt", mutate)

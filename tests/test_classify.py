@@ -55,12 +55,14 @@ def test_texts_from_stdin_keep_blank_lines(tiny_checkpoint, capsys, monkeypatch)
     assert run(capsys, ["--ckpt", str(tiny_checkpoint), "--input", "-"])[1][0]["text"] == "a bad film"  # - is stdin
 
 
-def test_an_output_that_is_the_input_or_a_folder_is_refused_before_any_work(tiny_checkpoint, capsys, tmp_path):
+def test_an_output_that_is_the_input_the_checkpoint_or_a_folder_is_refused_before_any_work(tiny_checkpoint, capsys, tmp_path):
     source = _write(tmp_path / "texts.txt", "a bad film\ngood\n")
-    for output, message in ((source, "is the --input file"), (tmp_path, "is a folder")):
-        code, printed, err = run(capsys, ["--ckpt", str(tiny_checkpoint), "--input", str(source), "--output", str(output)])
+    model = tmp_path / "model.ckpt"
+    model.write_bytes(tiny_checkpoint.read_bytes())
+    for output, message in ((source, "is the --input file"), (tmp_path, "is a folder"), (model, "is the --ckpt file")):
+        code, printed, err = run(capsys, ["--ckpt", str(model), "--input", str(source), "--output", str(output)])
         assert code == 2 and printed == [] and message in err
-    assert source.read_text() == "a bad film\ngood\n"
+    assert source.read_text() == "a bad film\ngood\n" and model.read_bytes() == tiny_checkpoint.read_bytes()
 
 
 def test_a_reader_that_stops_early_is_not_an_error(tiny_checkpoint):

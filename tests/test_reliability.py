@@ -143,6 +143,15 @@ def test_a_resumed_fit_validates_on_the_rows_its_first_fit_held_out(tmp_path, ca
     assert resumed.trainer.global_step == 2 * STEPS_PER_EPOCH
 
 
+def test_a_diverged_fit_stops_with_one_line_and_writes_no_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "2", "--model.lr", "1e30"))
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("gru-nlp: error: training diverged: at epoch 0, step ") and "hold NaN or infinite values" in error
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
 def test_a_seeded_cpu_run_is_deterministic_given_its_tokenizer(tmp_path):
     # Tokenizer training breaks frequency ties differently in every process, so runs compare
     # equal only with the same tokenizer: the cached one here, or --data.tokenizer_path.
