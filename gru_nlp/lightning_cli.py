@@ -53,9 +53,9 @@ _MODEL_SETTINGS_FROM_DATA_OR_FIRST_FIT = {"encoder_path", "vocab_size", "num_cla
 USER_ERRORS = (OutputFolderError, CheckpointError, DataError, EncoderError, SettingError, MisconfigurationException)
 # Precisions that cast the weights themselves to 16 bits (Lightning's "-true" plugins).
 _HALF_WEIGHT_PRECISIONS = {"16-true", "bf16-true"}
-# Data settings that decide which training rows a carved validation split holds: scoring a
-# checkpoint with others would validate on rows it trained on.
-_CARVE_SETTINGS = ("train_split", "val_size", "val_carve", "seed")
+# Data settings that decide which rows validate (a named split, or the training rows a carve
+# holds): scoring or resuming a checkpoint with others could validate on rows it trained on.
+_CARVE_SETTINGS = ("train_split", "val_split", "val_size", "val_carve", "seed")
 
 
 class GruNlpCLI(LightningCLI):

@@ -130,6 +130,16 @@ def test_scoring_a_checkpoint_validates_on_the_rows_its_fit_held_out(tmp_path):
     assert validate("--data.path", same_folder, "--data.seed", "1") == validate()
 
 
+def test_scoring_a_checkpoint_validates_on_the_split_its_fit_validated_on(tmp_path, caplog):
+    fit = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1", "--data.val_split", "test", "--data.test_split", "null"))
+    fitted_loss = fit.trainer.callback_metrics["val/loss"].item()
+    # Without --data.val_split, a carve of the training rows (all of them trained on) would validate.
+    with caplog.at_level("INFO"):
+        validated = run_cli(["validate", *tiny_args(tmp_path, "--ckpt_path", fit.trainer.checkpoint_callback.best_model_path)[1:]])
+    assert "Using the checkpoint's data.val_split 'test', not None" in caplog.text
+    assert validated.trainer.callback_metrics["val/loss"].item() == pytest.approx(fitted_loss)
+
+
 def test_a_resumed_fit_validates_on_the_rows_its_first_fit_held_out(tmp_path, caplog):
     first = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
     held_out = sorted(first.datamodule._text_splits()["val"]["text"])
