@@ -174,6 +174,10 @@ class TextDataModule(L.LightningDataModule):
             raise DataError(f"eval_batch_size must be positive, got {eval_batch_size}")
         if val_size >= 1 and not float(val_size).is_integer():
             raise DataError(f"val_size must be a fraction below 1 or a whole count, got {val_size}")
+        if not str(path).strip():
+            raise DataError("data.path is empty: name a Hub dataset or a local folder or file")
+        if not 0 <= seed < 2**32:
+            raise DataError(f"seed must be from 0 to 2**32 - 1, got {seed}")
         if val_carve not in VAL_CARVES:
             raise DataError(f"val_carve must be 'random', 'tail' or 'sentences', got {val_carve!r}")
         if text_field == label_field:

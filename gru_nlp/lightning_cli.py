@@ -89,6 +89,14 @@ class GruNlpCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else self.config
         ckpt_path = config.get("ckpt_path")
         _refuse_scoring_an_untrained_model(subcommand, ckpt_path)
+        seed = config.get("seed_everything")
+        if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < 2**32:
+            raise SettingError(f"seed_everything must be from 0 to 2**32 - 1 (or true for a random one), got {seed}")
+        if subcommand == "fit" and ckpt_path == "best":
+            raise CheckpointError(
+                "gru-nlp fit --ckpt_path best names the best checkpoint of a fit earlier in the same process; "
+                "to resume a run pass --ckpt_path last, or the .ckpt file to start from"
+            )
         if not ckpt_path or ckpt_path in _LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry:"):
             return
         checkpoint = _read_ckpt_path(ckpt_path)
@@ -133,8 +141,10 @@ class GruNlpCLI(LightningCLI):
         if config.get("ckpt_path") == "last":
             found = self._last_checkpoint_of_this_run()
             if found is not None:
-                config["ckpt_path"] = found
                 rank_zero_info(f"Resuming from {found}")
+            else:  # as a resume loop's first run needs; Lightning's own warning would blame save_last
+                rank_zero_info(f"--ckpt_path last: no last.ckpt under {self.trainer.default_root_dir} yet; starting a new run")
+            config["ckpt_path"] = found
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and ckpt_path not in _LIGHTNING_CKPT_NAMES and Path(ckpt_path).is_file():
             self._keep_checkpoints_in_the_resumed_folders(ckpt_path)
@@ -158,7 +168,12 @@ class GruNlpCLI(LightningCLI):
 
     def after_fit(self) -> None:
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
-        rank_zero_info(f"best checkpoint: {best or '(none saved)'}")
+        if best:
+            rank_zero_info(f"best checkpoint: {best}")
+            return
+        last = [callback.last_model_path for callback in self.trainer.checkpoint_callbacks if callback.last_model_path]
+        kept = f"; the last state is in {last[0]}" if last else ""
+        rank_zero_info(f"best checkpoint: (none saved: no validation ran){kept}")
 
     def _last_checkpoint_of_this_run(self) -> str | None:
         """The newest ``last.ckpt`` of an earlier version with this run's settings, or None if there is none.

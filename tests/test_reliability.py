@@ -180,6 +180,22 @@ def test_last_ckpt_is_the_last_state_not_the_best(tmp_path):
     assert torch.load(last, weights_only=False)["global_step"] == cli.trainer.global_step == 2 * STEPS_PER_EPOCH
 
 
+def test_ckpt_path_last_with_nothing_to_resume_starts_a_new_run_and_says_so(tmp_path, caplog, recwarn):
+    with caplog.at_level("INFO"):
+        cli = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1", "--ckpt_path", "last"))
+    assert f"--ckpt_path last: no last.ckpt under {tmp_path / 'run'} yet; starting a new run" in caplog.text
+    # Lightning's own warning would blame ModelCheckpoint(save_last=...), which this package does not use.
+    assert not [warning for warning in recwarn if "save_last" in str(warning.message)]
+    assert cli.trainer.global_step == STEPS_PER_EPOCH
+
+
+def test_a_fit_without_validation_names_its_last_checkpoint(tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0"))
+    (last,) = last_checkpoints(tmp_path)
+    assert f"best checkpoint: (none saved: no validation ran); the last state is in {last}" in caplog.text
+
+
 def test_ckpt_path_last_passes_over_a_run_with_other_settings(tmp_path, caplog):
     run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1", "--model.lr", "0.001"))
     run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))  # an ablation beside it, saved later
@@ -420,6 +436,10 @@ def test_a_tokenizer_path_that_cannot_be_loaded_is_one_line_naming_it(tmp_path, 
         ("--data.pool_size", "0", "pool_size must be positive, got 0"),
         ("--data.vocab_size", "1", "vocab_size must be at least 2 (the special tokens), got 1"),
         ("--trainer.precision", "bf16-true", "--trainer.precision bf16-true casts the weights to half precision"),
+        ("--seed_everything", "-5", "seed_everything must be from 0 to 2**32 - 1 (or true for a random one), got -5"),
+        ("--data.seed", "-1", "seed must be from 0 to 2**32 - 1, got -1"),
+        ("--data.path", "", "data.path is empty: name a Hub dataset or a local folder or file"),
+        ("--ckpt_path", "best", "gru-nlp fit --ckpt_path best names the best checkpoint of a fit earlier in the same process"),
         pytest.param(
             "--trainer.accelerator", "cuda", "`CUDAAccelerator` can not run on your system",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU"),
