@@ -657,6 +657,12 @@ def _rows_with_text(texts: list, split: str, source: str, text_field: str) -> li
             source,
             first,
         )
+    if not kept and len(texts) == 1 and isinstance(texts[0], list | dict):  # one object of columns, read as one row
+        raise DataError(
+            f"split {split!r} of {source} holds one object of columns ({{{text_field!r}: [...], ...}}), which reads as "
+            "a single row: write a list of records, [{...}, {...}], or JSON lines (pandas: "
+            "to_json(path, orient='records', lines=True))"
+        )
     if not kept:
         raise DataError(f"split {split!r} of {source} has no rows with text in column {text_field!r}")
     return kept
@@ -756,7 +762,12 @@ def _check_labels(
             shown = f"{label!r} ({feature.names[label]!r})" if named else repr(label)
             values = list(label_ids)
             classes = repr(class_names) if values == class_names else f"{class_names} (label values {values})"
-            given = " that label_names gives (a config's label_names fit only its own dataset)" if names_given else ""
+            given = (
+                " that label_names gives (a config's own, or those of the checkpoint being scored or resumed, "
+                "which fit only the dataset they were written for)"
+                if names_given
+                else ""
+            )
             raise DataError(f"label {shown} at row {row} of split {split!r} ({source}) is not one of the classes {classes}{given}")
 
 

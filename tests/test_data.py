@@ -543,6 +543,13 @@ def test_empty_data_is_an_error(tmp_path):
     write(tmp_path / "blank.jsonl", [{"text": " ", "label": "pos"}])
     with pytest.raises(ValueError, match="split 'train' of .*blank.jsonl has no rows with text"):
         data_module(tmp_path / "blank.jsonl", tmp_path, test_split=None).num_classes
+    for name, columns in (
+        ("lists.json", {"text": ["good", "bad"], "label": ["pos", "neg"]}),  # pandas to_dict("list")
+        ("index.json", {"text": {"0": "good", "1": "bad"}, "label": {"0": "pos", "1": "neg"}}),  # pandas to_json()
+    ):
+        (tmp_path / name).write_text(json.dumps(columns))
+        with pytest.raises(ValueError, match=rf"{name} holds one object of columns .* write a list of records"):
+            data_module(tmp_path / name, tmp_path, test_split=None).num_classes
 
 
 def test_an_unreachable_hub_says_so_and_suggests_a_local_path(tmp_path, monkeypatch):
