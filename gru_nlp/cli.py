@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import sys
 
+DESCRIPTION = (
+    "Train and score a BiGRU text classifier: fit, validate, test and predict (LightningCLI; "
+    "`gru-nlp fit --help`). Classify texts with a trained one: `gru-nlp classify --help`."
+)
+
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``gru-nlp`` console script."""
@@ -20,7 +25,7 @@ def main(args: list[str] | None = None) -> None:
     from gru_nlp.lightning_cli import run_cli
 
     # None lets LightningCLI read sys.argv itself (passing it as `args` makes Lightning warn).
-    run_cli(args)
+    run_cli(args, parser_kwargs={"description": DESCRIPTION})
 
 
 if __name__ == "__main__":

@@ -94,3 +94,8 @@ def test_train_imdb_script_scores_every_checkpoint_and_names_its_pick(tmp_path):
     losses = {row[1]: float(row[4]) for row in table}
     (picked,) = re.findall(r"best by val/loss: epoch \d+ \(step (\d+)\): test/acc", result.stdout)
     assert losses[picked] == min(losses.values())  # imdb.yaml keeps the lowest val/loss (printed to 6 places)
+
+
+def test_help_names_classify_beside_the_lightning_subcommands():
+    shown = " ".join(gru_nlp("--help").stdout.split())
+    assert "gru-nlp classify --help" in shown and "{fit,validate,test,predict}" in shown
