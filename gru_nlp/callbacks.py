@@ -282,6 +282,14 @@ class ResumeCheckpoint(ModelCheckpoint):
             self._save_last_now(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == TrainerFn.FITTING:
+            kept = f"{self.last_model_path} holds the last save" if self.last_model_path else "no last.ckpt was saved yet"
+            rank_zero_info(
+                f"Interrupted at epoch {trainer.current_epoch}, step {trainer.global_step}: {kept} (Ctrl-C can land "
+                "inside a step, so nothing is saved now; SIGTERM saves first). Resume with the same command plus "
+                "--ckpt_path last"
+            )
+            return
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
         if trainer.sanity_checking or trainer.fast_dev_run:

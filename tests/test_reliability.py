@@ -66,6 +66,27 @@ class SigtermAt(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class InterruptAt(SigtermAt):
+    """Raise KeyboardInterrupt after optimizer step `step`, as Ctrl-C does."""
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_keeps_the_last_save_and_says_how_to_resume(tmp_path, caplog):
+    previous = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT from then on: restore it
+    try:
+        with caplog.at_level("INFO"), pytest.raises(SystemExit):
+            run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "2"), extra_callbacks=[InterruptAt(step=8)])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    (saved,) = last_checkpoints(tmp_path)
+    assert torch.load(saved, weights_only=False)["global_step"] == STEPS_PER_EPOCH  # epoch 0's save, not step 8
+    assert f"Interrupted at epoch 1, step 8: {saved} holds the last save" in caplog.text
+    assert "--ckpt_path last" in caplog.text
+
+
 def test_sigterm_saves_last_exits_143_and_ckpt_path_last_resumes(tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
         run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "2"), extra_callbacks=[SigtermAt(step=8)])
