@@ -37,7 +37,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gru_nlp.checkpoint import CheckpointError, non_finite_weights
+from gru_nlp.checkpoint import CheckpointError
 from gru_nlp.files import atomic_write
 
 # A checkpoint holds the weights and AdamW's two moment estimates, each the size of the weights.
@@ -286,15 +286,19 @@ class ResumeCheckpoint(ModelCheckpoint):
             kept = f"{self.last_model_path} holds the last save" if self.last_model_path else "no last.ckpt was saved yet"
             rank_zero_info(
                 f"Interrupted at epoch {trainer.current_epoch}, step {trainer.global_step}: {kept} (Ctrl-C can land "
-                "inside a step, so nothing is saved now; SIGTERM saves first). Resume with the same command plus "
-                "--ckpt_path last"
+                "inside a step, so nothing is saved now; SIGTERM saves first). Resume with `gru-nlp fit` and the "
+                "same settings plus --ckpt_path last"
             )
             return
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
-        self._save_last_now(trainer)
+        try:
+            self._save_last_now(trainer)
+        except CheckpointError as error:  # diverged: keep the last good save, and still stop as SIGTERM asks
+            rank_zero_info(f"Stopped by SIGTERM; not saved: {error}")
+            return
         rank_zero_info(
             f"Stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; "
             f"saved {self.last_model_path}. Resume with the same command plus "
@@ -307,8 +311,7 @@ class ResumeCheckpoint(ModelCheckpoint):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint to a temporary file beside its target, sync it, then rename it into place;
-    refuse one whose weights hold NaN or infinite values (training diverged): an error, not a save.
+    """Write each checkpoint to a temporary file beside its target, sync it, then rename it into place.
 
     ``os.replace`` within one folder is atomic, so a reader (or a resume after a kill) sees the
     old checkpoint or the new one, never half of one; a kill mid-write leaves only a
@@ -317,14 +320,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        broken = non_finite_weights(checkpoint.get("state_dict", {}))
-        if broken:  # a diverged training must not replace a good last.ckpt, nor become the best checkpoint
-            raise CheckpointError(
-                f"training diverged: at epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}, "
-                f"{', '.join(broken[:3])}{' and more' if len(broken) > 3 else ''} hold NaN or infinite values. "
-                f"{path} was not written; the checkpoints saved before are kept. Lower --model.lr, or clip "
-                "gradients (--trainer.gradient_clip_val)"
-            )
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return

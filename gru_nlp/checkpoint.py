@@ -178,6 +178,19 @@ def non_finite_weights(state_dict: dict[str, Any]) -> list[str]:
     ]
 
 
+def refuse_a_diverged_checkpoint(checkpoint: dict[str, Any]) -> None:
+    """Raise CheckpointError if a checkpoint about to be saved holds NaN or infinite weights: the
+    averaged ones (``state_dict``) or, with weight averaging, the trained ones (``current_model_state``)."""
+    broken = non_finite_weights(checkpoint.get("state_dict", {})) + non_finite_weights(checkpoint.get("current_model_state", {}))
+    if broken:
+        raise CheckpointError(
+            f"training diverged: at epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}, "
+            f"{', '.join(broken[:3])}{' and more' if len(broken) > 3 else ''} hold NaN or infinite values. "
+            "No checkpoint was written from this point; those saved before are kept. Lower --model.lr, or clip "
+            "gradients (--trainer.gradient_clip_val)"
+        )
+
+
 def stored_tokenizer(checkpoint: dict[str, Any], source: str | Path = "checkpoint") -> Tokenizer:
     """The tokenizer saved in a checkpoint loaded by ``load_checkpoint``.
 

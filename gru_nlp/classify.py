@@ -184,7 +184,8 @@ def _sigterm_as_exit() -> Iterator[None]:
     Python's default for SIGTERM ends the process at once, leaving the unfinished temporary
     ``--output`` file behind; as an exception it unwinds through `atomic_write`, which removes it.
     """
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+    # Only the main thread may set handlers; a SIGTERM ignored on purpose (by a supervisor) stays ignored.
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
         yield
         return
 
@@ -195,7 +196,8 @@ def _sigterm_as_exit() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None: a handler set outside Python, which cannot be put back; the default is the nearest.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _stdin_lines() -> Iterator[str]:

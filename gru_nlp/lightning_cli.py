@@ -53,9 +53,9 @@ _MODEL_SETTINGS_FROM_DATA_OR_FIRST_FIT = {"encoder_path", "vocab_size", "num_cla
 USER_ERRORS = (OutputFolderError, CheckpointError, DataError, EncoderError, SettingError, MisconfigurationException)
 # Precisions that cast the weights themselves to 16 bits (Lightning's "-true" plugins).
 _HALF_WEIGHT_PRECISIONS = {"16-true", "bf16-true"}
-# Data settings that decide which rows validate (a named split, or the training rows a carve
-# holds): scoring or resuming a checkpoint with others could validate on rows it trained on.
-_CARVE_SETTINGS = ("train_split", "val_split", "val_size", "val_carve", "seed")
+# Data settings that decide which training rows a carved validation split holds: scoring or
+# resuming a checkpoint with others would validate on rows it trained on.
+_CARVE_SETTINGS = ("train_split", "val_size", "val_carve", "seed")
 
 
 class GruNlpCLI(LightningCLI):
@@ -173,7 +173,7 @@ class GruNlpCLI(LightningCLI):
             return
         last = [callback.last_model_path for callback in self.trainer.checkpoint_callbacks if callback.last_model_path]
         kept = f"; the last state is in {last[0]}" if last else ""
-        rank_zero_info(f"best checkpoint: (none saved: no validation ran){kept}")
+        rank_zero_info(f"best checkpoint: (none kept: no validation ran, or --checkpoint.save_top_k is 0){kept}")
 
     def _last_checkpoint_of_this_run(self) -> str | None:
         """The newest ``last.ckpt`` of an earlier version with this run's settings, or None if there is none.
@@ -209,6 +209,8 @@ class GruNlpCLI(LightningCLI):
             names = ours.keys() | theirs.keys()
             if "seed_everything" not in theirs:  # no config.yaml beside it: the seed is unknown, not different
                 names.discard("seed_everything")
+            if ours.get("model.encoder_path") is None:  # a resume may leave the encoder out; given, it must match
+                names.discard("model.encoder_path")
             changed = sorted(name for name in names if ours.get(name) != theirs.get(name))
             if checkpoint[CHECKPOINT_KEY]["tokenizer"] != self.datamodule.tokenizer.to_str():
                 if self.datamodule.hparams.tokenizer_path is None and not changed:
@@ -289,7 +291,15 @@ def _adopt_the_checkpoints_carve(data: Any, trained_data: dict) -> None:
     """On the fit's own data, a validation split carved from training must be the one the fit held out
     (when scoring a checkpoint, and when resuming its fit)."""
     same_data = _same_source(trained_data.get("path"), data.path) and trained_data.get("name") == data.name
-    for setting in _CARVE_SETTINGS if same_data else ():
+    if not same_data:
+        return
+    trained_split = trained_data.get("val_split")
+    if data.val_split is None and trained_split is not None:  # else a carve would take rows the fit trained on
+        rank_zero_info(f"Using the checkpoint's data.val_split {trained_split!r}, not None: its fit validated on that split")
+        data.val_split = trained_split
+    if data.val_split is not None:  # a named split: no carve, and no training rows in it
+        return
+    for setting in _CARVE_SETTINGS:
         trained, configured = trained_data.get(setting), getattr(data, setting)
         if trained is not None and configured != trained:
             rank_zero_info(
@@ -339,9 +349,8 @@ def _same_source(first: str | None, second: str | None) -> bool:
 
 
 def _run_settings(model_hparams: dict, data_hparams: dict, seed: Any) -> dict[str, Any]:
-    """What makes two fits the same run, by CLI name: the seed, and the model and data settings
-    (less `encoder_path`, which only started the weights the checkpoint now holds)."""
-    settings = {f"model.{name}": value for name, value in model_hparams.items() if name != "encoder_path"}
+    """What makes two fits the same run, by CLI name: the seed, and the model and data settings."""
+    settings = {f"model.{name}": value for name, value in model_hparams.items()}
     settings.update({f"data.{name}": value for name, value in data_hparams.items() if name not in _SETTINGS_THAT_KEEP_A_RUN})
     if seed is not None:
         settings["seed_everything"] = seed

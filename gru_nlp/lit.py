@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from gru_nlp.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY
+from gru_nlp.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, refuse_a_diverged_checkpoint
 from gru_nlp.encoder import check_encoder_tokenizer, copy_encoder, load_encoder
 from gru_nlp.language_model import BiGRULanguageModel
 from gru_nlp.model import BiGRUClassifier, NgramFeatures, Pooling, SettingError, check_settings, fit_side_weights
@@ -275,6 +275,10 @@ class LitClassifier(L.LightningModule):
         ngrams.set_log_count_ratios(counts)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # On every DDP process (only the first writes), so that all stop together, after the
+        # callbacks' hooks (WeightEMA's averaged weights are in place): a diverged training must
+        # not replace a good last.ckpt, nor become the best checkpoint.
+        refuse_a_diverged_checkpoint(checkpoint)
         checkpoint[CHECKPOINT_KEY] = {
             "format_version": CHECKPOINT_FORMAT,
             "label_names": list(self.label_names),

@@ -156,3 +156,11 @@ def test_every_model_argument_is_read_back_from_a_checkpoint():
     from gru_nlp.model import BiGRUClassifier
 
     assert sorted(MODEL_ARGUMENTS + OPTIONAL_ARGUMENTS) == sorted(inspect.signature(BiGRUClassifier).parameters)
+
+
+def test_a_checkpoint_to_save_with_diverged_trained_weights_is_refused_even_when_the_average_is_finite():
+    finite, diverged = {"model.w": torch.ones(3)}, {"model.w": torch.tensor([1.0, float("nan"), 1.0])}
+    ckpt.refuse_a_diverged_checkpoint({"state_dict": finite, "current_model_state": finite})  # no error
+    for checkpoint in ({"state_dict": diverged}, {"state_dict": finite, "current_model_state": diverged}):  # WeightEMA's
+        with pytest.raises(CheckpointError, match=r"training diverged: .*model\.w hold NaN or infinite values"):
+            ckpt.refuse_a_diverged_checkpoint({"epoch": 1, "global_step": 9, **checkpoint})

@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -24,7 +25,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from gru_nlp import callbacks as callbacks_module
 from gru_nlp.callbacks import AtomicCheckpointIO, OutputFolderError, Preflight, checkpoint_bytes, checkpoints_on_disk
-from gru_nlp.lightning_cli import SIGTERM_EXIT_STATUS, run_cli
+from gru_nlp.lightning_cli import SIGTERM_EXIT_STATUS, _adopt_the_checkpoints_carve, run_cli
 from gru_nlp.lit import LitClassifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,6 +162,17 @@ def test_scoring_a_checkpoint_validates_on_the_split_its_fit_validated_on(tmp_pa
     assert validated.trainer.callback_metrics["val/loss"].item() == pytest.approx(fitted_loss)
 
 
+def test_a_val_split_given_when_scoring_a_checkpoint_is_used_as_asked():
+    trained = {"path": "glue", "name": "mnli", "train_split": "train", "val_split": "validation_matched", "val_size": 0.1,
+               "val_carve": "random", "seed": 7}  # fmt: skip
+    data = SimpleNamespace(**{**trained, "val_split": "validation_mismatched", "seed": 42})
+    _adopt_the_checkpoints_carve(data, trained)  # a named split holds no training rows: used as asked
+    assert (data.val_split, data.seed) == ("validation_mismatched", 42)
+    data.val_split = None  # none given: a carve would hold training rows, so the fit's own split
+    _adopt_the_checkpoints_carve(data, trained)
+    assert data.val_split == "validation_matched"
+
+
 def test_a_resumed_fit_validates_on_the_rows_its_first_fit_held_out(tmp_path, caplog):
     first = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
     held_out = sorted(first.datamodule._text_splits()["val"]["text"])
@@ -214,7 +226,7 @@ def test_a_fit_without_validation_names_its_last_checkpoint(tmp_path, caplog):
     with caplog.at_level("INFO"):
         run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0"))
     (last,) = last_checkpoints(tmp_path)
-    assert f"best checkpoint: (none saved: no validation ran); the last state is in {last}" in caplog.text
+    assert f"best checkpoint: (none kept: no validation ran, or --checkpoint.save_top_k is 0); the last state is in {last}" in caplog.text
 
 
 def test_ckpt_path_last_passes_over_a_run_with_other_settings(tmp_path, caplog):
