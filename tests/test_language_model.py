@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -217,6 +218,7 @@ def test_pretrain_then_fine_tune_with_the_gru_nlp_command(tmp_path):
 
     fitted = _run(*fit, "--data.tokenizer_path", str(pretrained / "tokenizer.json"))
     assert fitted.returncode == 0, fitted.stderr[-3000:]
+    shutil.copy(pretrained / "encoder.pt", tmp_path / "another_encoder.pt")
     (pretrained / "encoder.pt").unlink()  # the checkpoint holds the weights: it serves without the file
     from gru_nlp import TextClassifier
 
@@ -232,6 +234,10 @@ def test_pretrain_then_fine_tune_with_the_gru_nlp_command(tmp_path):
                         "--trainer.max_epochs", "3")  # fmt: skip
     assert resumed_last.returncode == 0, resumed_last.stderr[-3000:]
     assert "Resuming from" in resumed_last.stdout + resumed_last.stderr
+    # Given, the encoder must match: a run started from another encoder is another run.
+    another = _run(*without_encoder, "--data.tokenizer_path", str(pretrained / "tokenizer.json"), "--ckpt_path", "last",
+                   "--model.encoder_path", str(tmp_path / "another_encoder.pt"), "--trainer.max_epochs", "3")  # fmt: skip
+    assert another.returncode == 2 and "differs in model.encoder_path" in another.stderr, another.stderr[-3000:]
 
 
 @pytest.mark.parametrize("arguments", [["--lr", "-1"], ["--max-length", "1"]])
