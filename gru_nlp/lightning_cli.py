@@ -126,6 +126,7 @@ class GruNlpCLI(LightningCLI):
         folders = [config.trainer.default_root_dir or os.getcwd(), config.checkpoint.dirpath, config.autosave.dirpath]
         for folder in filter(None, folders):
             check_output_folder(folder)
+        _check_model_settings(config.model)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -232,6 +233,14 @@ class GruNlpCLI(LightningCLI):
                 "it anyway, or leave out --ckpt_path to start afresh"
             )
         return None
+
+
+def _check_model_settings(model: Any) -> None:
+    """Build the model once with stand-in sizes, so that a setting out of range (`--model.num_layers 0`)
+    fails before the data is read and the tokenizer trained, not after; the sizes come from the data."""
+    settings = {name: value for name, value in dict(model).items() if name not in _MODEL_SETTINGS_FROM_DATA_OR_FIRST_FIT}
+    class_weights = settings.get("class_weights")
+    LitClassifier(vocab_size=8, num_classes=len(class_weights) if class_weights else 2, **settings)
 
 
 def _refuse_scoring_an_untrained_model(subcommand: str | None, ckpt_path: str | None) -> None:

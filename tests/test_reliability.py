@@ -485,6 +485,8 @@ def test_a_setting_out_of_range_is_one_line_naming_it(tmp_path, capsys, flag, va
     assert refused.value.code == 2
     err = capsys.readouterr().err
     assert f"gru-nlp: error: {message}" in err and "Traceback" not in err
+    if flag.startswith("--model.") and flag != "--model.class_weights":  # whose count needs the data's classes
+        assert not (tmp_path / "cache").exists()  # refused before the data is read and a tokenizer trained
 
 
 def test_a_cache_dir_that_cannot_be_a_folder_is_one_line_naming_it(tmp_path, capsys):
