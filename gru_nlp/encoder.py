@@ -14,6 +14,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
+from gru_nlp.checkpoint import non_finite_weights
 from gru_nlp.files import atomic_write
 from gru_nlp.language_model import BiGRULanguageModel
 
@@ -55,7 +56,7 @@ def load_encoder(path: str | Path) -> dict:
     missing = [name for name in ENCODER_PARAMETERS if not isinstance(weights.get(name), Tensor)]
     if missing:
         raise EncoderError(f"pretrained encoder {path}: missing {', '.join(missing)}")
-    broken = [name for name in ENCODER_PARAMETERS if not torch.isfinite(weights[name]).all()]
+    broken = non_finite_weights({name: weights[name] for name in ENCODER_PARAMETERS})
     if broken:  # a pretraining that diverged: fine-tuning from it would train NaNs
         raise EncoderError(f"pretrained encoder {path}: {', '.join(broken)} hold NaN or infinite values")
     return encoder

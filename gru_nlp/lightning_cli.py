@@ -259,9 +259,10 @@ def _read_ckpt_path(ckpt_path: str) -> dict:
     missing, truncated or foreign file gets a line naming it, not a traceback."""
     if Path(ckpt_path).is_dir():
         raise CheckpointError(f"--ckpt_path {ckpt_path} is a folder: name a .ckpt file (`gru-nlp fit` prints the best one's path)")
-    if not Path(ckpt_path).is_file():
-        raise CheckpointError(f"--ckpt_path {ckpt_path}: no such file")
-    return load_checkpoint(ckpt_path)
+    try:
+        return load_checkpoint(ckpt_path)  # names a device or pipe, and a truncated or foreign file
+    except FileNotFoundError:
+        raise CheckpointError(f"--ckpt_path {ckpt_path}: no such file") from None
 
 
 def _adopt_the_checkpoints_encoding(data: Any, checkpoint: dict, ckpt_path: str) -> None:

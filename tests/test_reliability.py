@@ -318,12 +318,16 @@ def test_testing_a_checkpoint_uses_the_label_names_it_was_trained_with(tmp_path,
 
 
 @pytest.mark.parametrize(
-    "content, message", [(None, "no such file"), (b"PK\x03\x04 cut short", "truncated or corrupt"), ("folder", "is a folder")]
+    "content, message",
+    [(None, "no such file"), (b"PK\x03\x04 cut short", "truncated or corrupt"), ("folder", "is a folder"),
+     ("pipe", "is not a regular file (a device or a pipe)")],  # fmt: skip
 )
 def test_an_unreadable_ckpt_path_is_one_line_naming_it(tmp_path, capsys, content, message):
     ckpt = tmp_path / "model.ckpt"
     if content == "folder":
         ckpt.mkdir()
+    elif content == "pipe":
+        os.mkfifo(ckpt)
     elif content is not None:
         ckpt.write_bytes(content)
     with pytest.raises(SystemExit) as refused:
