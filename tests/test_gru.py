@@ -229,8 +229,8 @@ def test_forward_step_kernel_saturates_and_keeps_nan() -> None:
     h = torch.full((1, 1, hidden), 0.5)
     h_next, saved = torch.empty_like(h), torch.empty(1, 1, 5, hidden)
     steps_kernel.forward_step(gi, gh, h, h_next, saved)
-    r = z = torch.sigmoid(values)
-    n = torch.tanh(values)  # gh is zero: r * gh_n adds nothing
+    z = torch.sigmoid(values)  # r does not matter: it multiplies gh_n, which is zero
+    n = torch.tanh(values)
     expected = (1 - z) * n + z * 0.5
     torch.testing.assert_close(h_next.flatten(), expected, atol=1e-6, rtol=0, equal_nan=True)
     torch.testing.assert_close(saved[0, 0, 4], z, atol=1e-6, rtol=0, equal_nan=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import datasets
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gru_nlp.classify import main as classify_main

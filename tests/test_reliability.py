@@ -25,8 +25,9 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from gru_nlp import callbacks as callbacks_module
 from gru_nlp.callbacks import AtomicCheckpointIO, OutputFolderError, Preflight, checkpoint_bytes, checkpoints_on_disk
-from gru_nlp.lightning_cli import SIGTERM_EXIT_STATUS, _adopt_the_checkpoints_carve, run_cli
+from gru_nlp.lightning_cli import SIGTERM_EXIT_STATUS, run_cli
 from gru_nlp.lit import LitClassifier
+from gru_nlp.resume import adopt_the_checkpoints_carve
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 6  # configs/tiny.yaml: 96 training examples, batch size 16
@@ -166,10 +167,10 @@ def test_a_val_split_given_when_scoring_a_checkpoint_is_used_as_asked():
     trained = {"path": "glue", "name": "mnli", "train_split": "train", "val_split": "validation_matched", "val_size": 0.1,
                "val_carve": "random", "seed": 7}  # fmt: skip
     data = SimpleNamespace(**{**trained, "val_split": "validation_mismatched", "seed": 42})
-    _adopt_the_checkpoints_carve(data, trained)  # a named split holds no training rows: used as asked
+    adopt_the_checkpoints_carve(data, trained)  # a named split holds no training rows: used as asked
     assert (data.val_split, data.seed) == ("validation_mismatched", 42)
     data.val_split = None  # none given: a carve would hold training rows, so the fit's own split
-    _adopt_the_checkpoints_carve(data, trained)
+    adopt_the_checkpoints_carve(data, trained)
     assert data.val_split == "validation_matched"
 
 
