@@ -36,7 +36,7 @@ import re
 import sys
 import unicodedata
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args, overload
@@ -50,7 +50,7 @@ from gru_nlp.checkpoint import build_model, load_checkpoint
 from gru_nlp.gates import reference_gru, update_strength
 from gru_nlp.gru import PaddingSafeGRU, reverse_within_lengths
 from gru_nlp.labels import integer_label_ids
-from gru_nlp.model import BiGRUClassifier
+from gru_nlp.model import BiGRUClassifier, ClassifierOutput
 from gru_nlp.tokenizer import UNK_ID, encode, kept_positions
 
 Method = Literal["attention", "integrated_gradients", "grad_x_input"]
@@ -306,6 +306,12 @@ class TextClassifier:
         """(N, K) float32 probabilities in input order, columns in ``labels`` order (N=1 for one str)."""
         return self._predict_ids(self._encode(_as_batch(texts)), batch_size)
 
+    def batched_outputs(self, texts: str | list[str], batch_size: int = 64) -> Iterator[tuple[list[int], ClassifierOutput]]:
+        """The model's whole output for ``texts``, batch by batch: (the batch's positions in ``texts``, its
+        `ClassifierOutput`). Batches hold texts of similar length, so they come out of input order; with an
+        n-gram bag the output also holds each side's own scores (``gru_logits``, ``ngram_logits``)."""
+        return self._batched_outputs(self._encode(_as_batch(texts)), batch_size)
+
     def explain(self, text: str, method: Method = "attention", gates: bool = False) -> Explanation:
         """Score each word of ``text`` by how much the prediction rests on it.
 
@@ -404,19 +410,23 @@ class TextClassifier:
         return encode(self.tokenizer, texts, self.max_length, self.truncation)
 
     def _predict_ids(self, ids: list[list[int]], batch_size: int) -> np.ndarray:
-        """Length-bucketed batched inference: (N,) id lists -> (N, K) probabilities in input order."""
+        """(N,) id lists -> (N, K) probabilities in input order."""
+        probs = np.zeros((len(ids), len(self._labels)), dtype=np.float32)
+        for rows, output in self._batched_outputs(ids, batch_size):
+            probs[rows] = torch.softmax(output.logits.float(), dim=-1).cpu().numpy()  # (B, K)
+        return probs
+
+    def _batched_outputs(self, ids: list[list[int]], batch_size: int) -> Iterator[tuple[list[int], ClassifierOutput]]:
+        """Length-bucketed batched inference: (N,) id lists -> (positions in ``ids``, output) per batch."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        probs = np.zeros((len(ids), len(self._labels)), dtype=np.float32)
-        # Sorting by length makes each batch pad little; the index restores input order.
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                input_ids, lengths = self._pad([ids[i] for i in rows])
-                logits = self._serving_model(input_ids, lengths).logits  # (B, K)
-                probs[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-        return probs
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # batches of similar length pad little
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            input_ids, lengths = self._pad([ids[i] for i in rows])
+            with torch.inference_mode():  # only around the model: the caller's code between batches keeps its mode
+                output = self._serving_model(input_ids, lengths)
+            yield rows, output
 
     def _pad(self, sequences: list[list[int]]) -> tuple[Tensor, Tensor]:
         """Right-pad to (B, T) ids and (B,) lengths on the classifier's device."""

@@ -42,17 +42,11 @@ def main() -> None:
 
     correct = {"both (as served)": 0, "GRU side alone": 0, "n-gram bag alone": 0}
     weights = [round(weight, 4) for weight in classifier.model.side_weights.tolist()]
-    ids = classifier._encode(texts)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # batches of similar length pad little
-    for first in range(0, len(order), args.batch_size):
-        rows = order[first : first + args.batch_size]
-        input_ids, lengths = classifier._pad([ids[i] for i in rows])
-        with torch.inference_mode():
-            output = classifier.model(input_ids, lengths)
+    for rows, output in classifier.batched_outputs(texts, args.batch_size):
         gold = labels[rows]
         for name, logits in zip(correct, (output.logits, output.gru_logits, output.ngram_logits)):
             correct[name] += int((logits.argmax(dim=-1) == gold).sum())
-    print(json.dumps({"texts": len(ids), "side_weights (gru, bag)": weights, **{name: round(hits / len(ids), 4) for name, hits in correct.items()}}, indent=2))
+    print(json.dumps({"texts": len(texts), "side_weights (gru, bag)": weights, **{name: round(hits / len(texts), 4) for name, hits in correct.items()}}, indent=2))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,21 @@ def test_order_preserved_with_mixed_lengths(classifier):
     np.testing.assert_allclose(reversed_order[::-1], one_by_one, atol=1e-6)
 
 
+def test_batched_outputs_cover_every_text_once_and_give_each_sides_scores(tiny_checkpoint):
+    classifier = TextClassifier.from_checkpoint(tiny_checkpoint, device="cpu")
+    model = classifier.model
+    model.ngrams = NgramBag(model.embedding.num_embeddings, buckets=5, num_classes=3, pad_id=classifier._pad_id)
+    model.register_buffer("side_weights", torch.tensor([0.5, 2.0]))  # (w_gru, w_ngram)
+    seen, probs = [], np.zeros((len(TEXTS), 3), dtype=np.float32)
+    for rows, output in classifier.batched_outputs(TEXTS, batch_size=4):
+        assert not torch.is_inference_mode_enabled()  # the caller's code between batches runs as usual
+        seen += rows
+        probs[rows] = torch.softmax(output.logits, dim=-1).numpy()
+        torch.testing.assert_close(output.logits, 0.5 * output.gru_logits + 2.0 * output.ngram_logits)
+    assert sorted(seen) == list(range(len(TEXTS))) and seen != list(range(len(TEXTS)))  # length order, not input order
+    np.testing.assert_allclose(probs, classifier.predict_proba(TEXTS), atol=1e-6)
+
+
 def test_probabilities_shapes_and_determinism(classifier):
     probs = classifier.predict_proba(TEXTS)
     assert probs.shape == (len(TEXTS), 3) and probs.dtype == np.float32
