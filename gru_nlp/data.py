@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from gru_nlp.batching import BucketBatchSampler, collate
 from gru_nlp.carve import VAL_CARVES, ValCarve, sentence_rows, tail_rows
 from gru_nlp.labels import integer_label_ids
-from gru_nlp.sources import DataError, DataNotFoundError, HubUnreachableError, load_raw_splits  # noqa: F401 (errors re-exported)
+from gru_nlp.sources import DataError, DataNotFoundError, load_raw_splits
 from gru_nlp.tokenizer import (
     PAD_ID,
     SPECIAL_TOKENS,
@@ -290,6 +290,8 @@ class TextDataModule(L.LightningDataModule):
             collate_fn=collate,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
+            # Page-locked batches let the copy to a GPU run asynchronously (Lightning copies with non_blocking).
+            pin_memory=self.trainer is not None and self.trainer.strategy.root_device.type == "cuda",
         )
 
     def predict_texts(self) -> tuple[list[int], list[str]]:

@@ -431,10 +431,18 @@ class PaddingSafeGRU(nn.Module):
 
         Returns:
             (B, T, D*H) outputs; positions past a sequence's length are zero. On CPU they
-            are float32 (or float64 for float64 inputs) even under autocast.
+            are float32 (or float64 for float64 inputs) even under autocast; on CUDA, float32
+            under bf16 autocast and float16 under float16 autocast.
         """
         lengths = lengths.to(x.device)
-        if x.device.type != "cpu":
+        device = x.device.type
+        if device != "cpu":
+            if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16:
+                # Autocast runs cuDNN's RNN in float16 whatever dtype was asked for (torch's
+                # aten/src/ATen/cudnn/AutocastRNN.cpp), and bf16-mixed has no gradient scaler to keep
+                # float16 gradients from underflowing: the recurrence runs in float32 instead.
+                with torch.autocast(device, enabled=False):
+                    return self._forward_per_direction(x.float(), lengths)
             return self._forward_per_direction(x, lengths)
         # CPU bf16 matmuls have no fast kernel here (AVX2, no AVX-512/AMX): the GRU ran about
         # 10x slower under bf16 autocast than in fp32, so the recurrence stays in fp32.

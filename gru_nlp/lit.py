@@ -125,6 +125,11 @@ class LitClassifier(L.LightningModule):
             ngram_order=ngram_order,
             ngram_features=ngram_features,
         )
+        # DDP copies every buffer from the first process before each forward. The model's (the bag's
+        # log-count ratios, 32 MB with imdb.yaml, and the side weights) are computed alike on every
+        # process: the counts are summed over processes, the side weights fitted on all their rows.
+        model_buffers = [f"model.{name}" for name, _ in self.model.named_buffers()]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, model_buffers)
         weight = torch.tensor(class_weights, dtype=torch.float) if class_weights else None
         self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
         metrics = MetricCollection(

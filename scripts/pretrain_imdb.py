@@ -124,6 +124,7 @@ def main() -> None:
 
     steps_per_epoch = -(-len(train_ids) // args.batch_size)
     trainer = L.Trainer(
+        devices=1,  # one process (a GPU where there is one): the loaders and the encoder saves are written for one
         max_steps=max(1, round(args.epochs * steps_per_epoch)),
         gradient_clip_val=1.0,
         default_root_dir=args.out,

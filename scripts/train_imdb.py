@@ -84,19 +84,21 @@ def main(argv: list[str]) -> None:
         sys.exit("train_imdb: no checkpoint was saved (no validation ran), so there is nothing to score")
 
     # Score each checkpoint on every test example exactly once: a plain loop over the test
-    # loader, in this one process.
-    torch.set_num_threads(os.cpu_count() or 1)
+    # loader, in this one process, on the device it trained on (all the CPU's cores after CPU DDP).
+    device = cli.trainer.strategy.root_device
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
     data = cli.datamodule
     data.setup("test")
     rows = []
     for path in checkpoint.best_k_models:
         saved = load_checkpoint(path)
         epoch, step = saved["epoch"], saved["global_step"]
-        model = LitClassifier.load_from_checkpoint(path, map_location="cpu").eval()
+        model = LitClassifier.load_from_checkpoint(path, map_location=device).eval()
         predictions, labels = [], []
         with torch.inference_mode():
             for batch in data.test_dataloader():
-                predictions.append(model(batch["input_ids"], batch["lengths"]).argmax(-1))
+                predictions.append(model(batch["input_ids"].to(device), batch["lengths"].to(device)).argmax(-1).cpu())
                 labels.append(batch["labels"])
         predictions, labels = torch.cat(predictions), torch.cat(labels)
         test_acc = (predictions == labels).float().mean().item()

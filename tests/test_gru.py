@@ -108,6 +108,20 @@ def test_autocast_bf16_keeps_float_outputs() -> None:
     torch.testing.assert_close(output, expected, atol=2e-2, rtol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_bf16_autocast_runs_the_recurrence_in_float32_and_float16_autocast_in_float16() -> None:
+    gru, _ = make_pair(2, True)
+    gru = gru.cuda()
+    x, lengths = torch.randn(BATCH, STEPS, INPUT, device="cuda"), LENGTHS.cuda()
+    expected = gru(x, lengths)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # autocast alone would run cuDNN in float16
+        output = gru(x, lengths)
+    assert output.dtype == torch.float32
+    torch.testing.assert_close(output, expected, atol=1e-4, rtol=0)
+    with torch.autocast("cuda", dtype=torch.float16):  # float16-mixed: scaled gradients, cuDNN in float16
+        assert gru(x, lengths).dtype == torch.float16
+
+
 def test_dropout_between_layers() -> None:
     torch.manual_seed(0)
     gru = PaddingSafeGRU(INPUT, HIDDEN, num_layers=2, dropout=0.5)

@@ -161,6 +161,17 @@ def test_validation_fits_the_side_weights_that_choose_and_serve_the_checkpoint(t
     torch.testing.assert_close(classifier.model.side_weights, weights)
 
 
+def test_ddp_does_not_copy_the_model_buffers_that_every_process_computes_alike(tmp_path):
+    lit = LitClassifier(vocab_size=50, num_classes=2, ngram_buckets=64, ngram_features="naive_bayes", class_weights=[1.0, 2.0])
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        copied = torch.nn.parallel.DistributedDataParallel(lit).named_module_buffers  # broadcast before each forward
+    finally:
+        torch.distributed.destroy_process_group()
+    assert {"model.side_weights", "model.ngrams.log_count_ratios"} <= {name for name, _ in lit.named_buffers()}
+    assert list(copied) == ["loss_fn.weight"]  # not the bag's (V + buckets, K) ratios, 32 MB with imdb.yaml
+
+
 def test_prediction_writer_numbers_batches_that_carry_no_index_in_order(tmp_path):
     from gru_nlp.batching import collate
     from gru_nlp.callbacks import PredictionWriter
