@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from gru_nlp.checkpoint import load_checkpoint
 from gru_nlp.cli import main
+from gru_nlp.lightning_cli import _check_model_settings
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -25,13 +27,26 @@ def gru_nlp(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.Comp
     return result
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
-def test_every_shipped_config_parses(config, capsys):
+# Each shipped config as it is used: cpu_ddp.yaml is an overlay on another.
+SHIPPED = [[config] for config in CONFIGS if config.name != "cpu_ddp.yaml"] + [[REPO / "configs/imdb.yaml", REPO / "configs/cpu_ddp.yaml"]]
+
+
+@pytest.mark.parametrize("configs", SHIPPED, ids=["+".join(config.name for config in configs) for configs in SHIPPED])
+def test_every_shipped_config_parses_to_its_settings_and_builds_its_model(configs, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
+        main(["fit", *(argument for config in configs for argument in ("--config", str(config))), "--print_config"])
     assert exit_info.value.code == 0
-    printed = capsys.readouterr().out
-    assert "data:" in printed and "model:" in printed and "trainer:" in printed
+    printed = yaml.safe_load(capsys.readouterr().out)
+    expected = {}
+    for config in configs:  # the later file's values win
+        for section, settings in yaml.safe_load(config.read_text()).items():
+            expected[section] = {**expected.get(section, {}), **settings} if isinstance(settings, dict) else settings
+    for section, settings in expected.items():
+        if isinstance(settings, dict):
+            assert {name: printed[section][name] for name in settings} == settings, section
+        else:
+            assert printed[section] == settings, section
+    _check_model_settings(printed["model"])  # the model builds with these settings (stand-in sizes from the data)
 
 
 def tiny_args(root: Path) -> list[str]:
