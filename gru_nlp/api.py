@@ -46,6 +46,7 @@ import torch
 from tokenizers import Encoding, Tokenizer
 from torch import Tensor, nn
 
+from gru_nlp.batching import collate
 from gru_nlp.checkpoint import build_model, load_checkpoint
 from gru_nlp.gates import reference_gru, update_strength
 from gru_nlp.gru import PaddingSafeGRU, reverse_within_lengths
@@ -430,11 +431,8 @@ class TextClassifier:
 
     def _pad(self, sequences: list[list[int]]) -> tuple[Tensor, Tensor]:
         """Right-pad to (B, T) ids and (B,) lengths on the classifier's device."""
-        lengths = torch.tensor([len(seq) for seq in sequences])  # (B,)
-        input_ids = torch.full((len(sequences), int(lengths.max())), self._pad_id, dtype=torch.long)  # (B, T)
-        for row, seq in enumerate(sequences):
-            input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        return input_ids.to(self.device), lengths.to(self.device)
+        batch = collate([{"input_ids": sequence} for sequence in sequences], pad_id=self._pad_id)
+        return batch["input_ids"].to(self.device), batch["lengths"].to(self.device)
 
     def _prediction(self, text: str, probs: np.ndarray, ids: list[int]) -> Prediction:
         best = int(probs.argmax())

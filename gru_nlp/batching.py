@@ -32,7 +32,7 @@ same step. DDP therefore works with no trainer flags, and Lightning's epoch
 reaches the shuffle.
 """
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from itertools import cycle, islice
 from typing import Any
 
@@ -161,15 +161,16 @@ class BucketBatchSampler(BatchSampler):
         return [batch.tolist() for batch in batches]
 
 
-def collate(examples: list[dict[str, Any]]) -> dict[str, Tensor]:
+def collate(examples: list[dict[str, Any]], pad_id: int = PAD_ID) -> dict[str, Tensor]:
     """Pad a list of encoded examples into one batch.
 
     Args:
         examples: Dicts with `input_ids` (a list or 1-D tensor of ids) and
             optionally `labels` and `index` (ints or 0-D tensors).
+        pad_id: The id that pads the shorter examples.
 
     Returns:
-        `input_ids` (B, T) long, padded with `PAD_ID` to the longest example;
+        `input_ids` (B, T) long, padded with `pad_id` to the longest example;
         `lengths` (B,) long; and `labels` (B,) long and `index` (B,) long when
         the examples have them.
     """
@@ -177,7 +178,7 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         raise ValueError("cannot collate an empty list of examples")
     sequences = [torch.as_tensor(example["input_ids"], dtype=torch.long) for example in examples]
     batch = {
-        "input_ids": torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=PAD_ID),  # (B, T)
+        "input_ids": torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=pad_id),  # (B, T)
         "lengths": torch.tensor([len(sequence) for sequence in sequences], dtype=torch.long),  # (B,)
     }
     for key in ("labels", "index"):
@@ -185,23 +186,3 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Tensor]:
             batch[key] = torch.tensor([int(example[key]) for example in examples], dtype=torch.long)  # (B,)
     return batch
 
-
-def padding_fraction(lengths: Sequence[int], batches: Iterable[Sequence[int]], pad_to: int | None = None) -> float:
-    """The fraction of padded positions when `batches` are padded.
-
-    Args:
-        lengths: The length of each example.
-        batches: Batches of indices into `lengths`, e.g. from `BucketBatchSampler`.
-        pad_to: Pad every batch to this length (naive fixed-length padding);
-            `None` pads each batch to its longest example, as `collate` does.
-
-    Returns:
-        Padded positions divided by all positions, from 0 to 1.
-    """
-    real = total = 0
-    for batch in batches:
-        batch_lengths = [int(lengths[i]) for i in batch]
-        width = max(batch_lengths) if pad_to is None else pad_to
-        real += sum(batch_lengths)
-        total += width * len(batch_lengths)
-    return 1 - real / total if total else 0.0

@@ -1,5 +1,6 @@
 import random
 from collections import Counter
+from collections.abc import Iterable, Sequence
 
 import pytest
 import torch
@@ -7,10 +8,31 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DistributedSampler, SequentialSampler
 
-from gru_nlp.batching import BucketBatchSampler, collate, padding_fraction
+from gru_nlp.batching import BucketBatchSampler, collate
 
 _rng = random.Random(0)
 LENGTHS = [_rng.randint(1, 300) for _ in range(203)]
+
+
+def padding_fraction(lengths: Sequence[int], batches: Iterable[Sequence[int]], pad_to: int | None = None) -> float:
+    """The fraction of padded positions when `batches` are padded.
+
+    Args:
+        lengths: The length of each example.
+        batches: Batches of indices into `lengths`, e.g. from `BucketBatchSampler`.
+        pad_to: Pad every batch to this length (naive fixed-length padding);
+            `None` pads each batch to its longest example, as `collate` does.
+
+    Returns:
+        Padded positions divided by all positions, from 0 to 1.
+    """
+    real = total = 0
+    for batch in batches:
+        batch_lengths = [int(lengths[i]) for i in batch]
+        width = max(batch_lengths) if pad_to is None else pad_to
+        real += sum(batch_lengths)
+        total += width * len(batch_lengths)
+    return 1 - real / total if total else 0.0
 
 
 def flat(batches: list[list[int]]) -> list[int]:
