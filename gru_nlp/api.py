@@ -128,6 +128,17 @@ class Explanation:
     token_weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
     gates: np.ndarray | None = None
 
+    def to_dict(self) -> dict[str, object]:
+        """The JSON-ready form that ``gru-nlp classify --explain`` adds to each line: the method, the label
+        explained (the fp32 model's), and per word its weight and signed attribution."""
+        return {
+            "method": self.method,
+            "label": self.prediction.label,
+            "words": self.words,
+            "weights": [round(float(weight), 6) for weight in self.weights],
+            "attributions": [round(float(attribution), 6) for attribution in self.attributions],
+        }
+
     def to_html(self) -> str:
         """The text with each word's background shaded by its weight (HTML-escaped).
 
@@ -344,6 +355,8 @@ class TextClassifier:
         Returns:
             An Explanation; see its attributes for the normalisation.
         """
+        if not isinstance(text, str):  # predict takes lists; explain one text at a time
+            raise TypeError(f"explain takes one text, a str, got {type(text).__name__}: call it once per text")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         ids = self._encode([text])[0]

@@ -160,16 +160,9 @@ def write_lines(
         for prediction in classifier.predict(chunk, batch_size=args.batch_size):
             record = prediction.to_dict()
             if args.explain:
-                explanation = classifier.explain(prediction.text, method=args.method)
-                record["explanation"] = {
-                    "method": explanation.method,
-                    # The fp32 model's label, which the weights explain; with --quantize the line's own
-                    # label is the int8 model's and can differ near a tie.
-                    "label": explanation.prediction.label,
-                    "words": explanation.words,
-                    "weights": [round(float(w), 6) for w in explanation.weights],
-                    "attributions": [round(float(a), 6) for a in explanation.attributions],
-                }
+                # Its label is the fp32 model's, which the weights explain; with --quantize the line's own
+                # label is the int8 model's and can differ near a tie.
+                record["explanation"] = classifier.explain(prediction.text, method=args.method).to_dict()
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
         if progress is not None:
             progress.update(len(chunk))
@@ -228,8 +221,21 @@ def read_texts(path: Path, text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[str
     try:
         yield from _read_texts(path, text_field)
     except UnicodeDecodeError as error:
+        compression = _compression(path)
+        if compression:
+            raise InputError(f"{path}: is {compression}-compressed: decompress it first, or pass --input <(zcat {path})") from None
         bad_byte = error.object[error.start : error.start + 1]
         raise InputError(f"{path}: not valid UTF-8 text (found byte {bad_byte!r}); re-save the file as UTF-8") from None
+
+
+def _compression(path: Path) -> str | None:
+    """"gzip", "bzip2" or "xz" if the file starts as such a file does; else None (and for a pipe, read already)."""
+    if not path.is_file():
+        return None
+    with open(path, "rb") as file:
+        start = file.read(6)
+    magic = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
+    return next((name for prefix, name in magic.items() if start.startswith(prefix)), None)
 
 
 def _read_texts(path: Path, text_field: str) -> Iterator[str]:

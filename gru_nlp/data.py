@@ -56,20 +56,26 @@ class TextDataModule(L.LightningDataModule):
 
     - a Hub dataset id (`"stanfordnlp/imdb"`, or `"glue"` with `name="sst2"`);
     - a local folder of `.parquet`, `.csv`, `.tsv` (tab-separated, no quoting), `.json`
-      or `.jsonl` files, the file stem naming the split (`train`, `test`;
-      `validation`, `valid`, `val` or `dev` become `validation`; other stems such
-      as `unsup` are their own split and are read only if named); each split is
-      read on its own (its format, columns and `ClassLabel` names);
+      or `.jsonl` files (the text ones may be compressed: `train.jsonl.gz`, `.bz2`, `.xz`),
+      the file stem naming the split (`train`, `test`; `validation`, `valid`, `val` or
+      `dev` become `validation`; other stems such as `unsup` are their own split and are
+      read only if named; shards such as `train-00000-of-00002.parquet` join their split);
+      each split is read on its own (its format, columns and `ClassLabel` names); a folder
+      with no data files but a `data/` folder of them (a Hub dataset's files) reads that;
+    - a folder written by `datasets`' `save_to_disk` (a `Dataset` is the `train` split);
     - a single local data file, which becomes the `train` split;
     - the original IMDB folder, `aclImdb/{train,test}/{pos,neg}/*.txt`, with
       labels `neg`=0 and `pos`=1; another class folder beside them is another
       class, in sorted order (`train/unsup/` is the split `unsup`, read only if
-      named, as `load_texts` does for pretraining).
+      named, as `load_texts` does for pretraining; hidden folders such as
+      `.ipynb_checkpoints` are no class).
 
     Rows: a row whose text is missing, not a string, or empty after stripping is
     skipped, and a warning gives how many were skipped per split and the first
-    row index. A row with a missing (None or NaN) label is an error, as is a
-    validation or test label that the training split does not have. In a CSV
+    row index. A row with a missing (None, NaN or blank) label is an error, as is a
+    validation or test label that the training split does not have. A test split
+    without a label column is not read by `fit` (with a warning): it cannot be
+    scored, and `gru-nlp predict` labels it. In a CSV
     file only an empty field is missing ("NA", "null" and "nan" are text). A
     csv/tsv/json(l)/txt file that is not UTF-8 is an error naming its line. Duplicated
     rows are kept.
@@ -122,7 +128,8 @@ class TextDataModule(L.LightningDataModule):
             `"sentences"` (see Validation above).
         seed: Seeds the validation carve and the training batch order.
         tokenizer_path: A saved `tokenizer.json` to use instead of training one.
-        vocab_size: The most tokens a trained tokenizer may have.
+        vocab_size: The size of the tokenizer to train: the most tokens it learns, beyond
+            the alphabet, which WordPiece and BPE keep whole (so a tiny vocab_size is exceeded).
         tokenizer_model: The subword model to train, `"wordpiece"` or `"bpe"`.
         lowercase: Whether the trained tokenizer lowercases.
         min_frequency: How often a pair must occur to become a token.
@@ -196,6 +203,7 @@ class TextDataModule(L.LightningDataModule):
         self._max_vocab_size = vocab_size
         self._requested_label_names = label_names
         self._splits: dict[str, Dataset] | None = None  # role -> columns text, labels, source_row
+        self._unlabelled_test: str | None = None  # why the test split was not read, if it has no labels
         self._predict_split: Dataset | None = None  # columns text, source_row
         self._label_names: list[str] = []
         self._tokenizer: Tokenizer | None = None
@@ -311,7 +319,7 @@ class TextDataModule(L.LightningDataModule):
         else:
             splits = self._text_splits()
             if role not in splits:
-                raise DataError(f"there is no {role} split: set test_split to a split of {self.hparams.path}")
+                raise DataError(self._unlabelled_test or f"there is no {role} split: set test_split to a split of {self.hparams.path}")
             split = splits[role]
         # datasets fingerprints the function and fn_kwargs (the tokenizer hashes by
         # its JSON), so the same data and tokenizer hit the cache in a later run.
@@ -387,6 +395,15 @@ class TextDataModule(L.LightningDataModule):
             if split is None:
                 continue
             dataset = raw[split]
+            if role == "test" and hp.label_field not in dataset.column_names:
+                # Only `gru-nlp test` needs its labels; a fit goes on without it (a Kaggle-style test file).
+                self._unlabelled_test = (
+                    f"split {split!r} ({sources[split]}) has no {hp.label_field!r} column (its columns: "
+                    f"{dataset.column_names}), so it cannot be scored: `gru-nlp predict` labels it"
+                )
+                log.warning("Not reading the test split: %s", self._unlabelled_test)
+                named["test"] = None
+                continue
             _check_columns(dataset, hp.text_field, hp.label_field, split, sources[split])
             kept, labels = _usable_rows(dataset, hp.text_field, hp.label_field, split, sources[split])
             rows[role] = (dataset, kept, labels)
@@ -407,6 +424,10 @@ class TextDataModule(L.LightningDataModule):
             split_ids = _split_label_ids(labels, feature, train_feature, label_ids, self._label_names)
             splits[role] = self._labelled_split(dataset, kept, labels, split_ids, split, sources[split])
 
+        trained_classes = set(_column(splits["train"], "labels"))
+        untrained = [name for class_id, name in enumerate(self._label_names) if class_id not in trained_classes]
+        if untrained:  # label_names named them (a ClassLabel or the config): the model could never predict them
+            log.warning("Classes %s have no rows in split %r: the model cannot learn them", untrained, hp.train_split)
         if "val" not in splits:
             splits["train"], splits["val"] = self._carve_validation(splits["train"], sources[hp.train_split])
             named["val"] = f"carved from {hp.train_split}, {hp.val_carve}"
@@ -487,6 +508,8 @@ class TextDataModule(L.LightningDataModule):
         """Split `train` into (train, validation) by `val_size` and `val_carve`."""
         hp = self.hparams
         val_size = hp.val_size if hp.val_size < 1 else int(hp.val_size)
+        if hp.val_carve == "random":
+            self._check_random_carve(Counter(_column(train, "labels")), val_size, source)
         try:
             if hp.val_carve == "random":
                 carved = train.train_test_split(test_size=val_size, seed=hp.seed, stratify_by_column="labels")
@@ -512,6 +535,28 @@ class TextDataModule(L.LightningDataModule):
             ) from err
         self._check_carve_keeps_every_class(train, kept, source)
         return kept, val
+
+    def _check_random_carve(self, class_rows: Counter, val_size: float, source: str) -> None:
+        """A random carve is stratified: every class has rows on both sides, so each needs two rows and
+        each side a row per class (datasets' own errors say this in sklearn's words)."""
+        hp, classes = self.hparams, len(class_rows)
+        lonely = sorted(self._label_names[class_id] for class_id, count in class_rows.items() if count < 2)
+        if lonely:
+            named = f"class {lonely[0]!r} has" if len(lonely) == 1 else f"classes {', '.join(map(repr, lonely))} have"
+            raise DataError(
+                f"{named} a single row in split {hp.train_split!r} ({source}): a random validation carve puts rows "
+                "of every class on both sides. Add rows, drop the class, or set val_split"
+            )
+        total = class_rows.total()
+        val_rows = math.ceil(val_size * total) if val_size < 1 else int(val_size)
+        if val_rows < classes or total - val_rows < classes:
+            side = "validation" if val_rows < classes else "training"
+            raise DataError(
+                f"val_size={hp.val_size} carves {val_rows} of the {total} rows of split {hp.train_split!r} ({source}) "
+                f"for validation, leaving {side} fewer rows than the {classes} classes: a random carve puts rows of "
+                f"every class on both sides. Set val_size to a fraction below 1 or a count from {classes} to "
+                f"{total - classes}, or set val_split"
+            )
 
     def _check_carve_keeps_every_class(self, before: Dataset, after: Dataset, source: str) -> None:
         missing = sorted(set(_column(before, "labels")) - set(_column(after, "labels")))
@@ -610,9 +655,11 @@ def _check_columns(dataset: Dataset, text_field: str, label_field: str | None, s
     """The text and (unless None) label columns exist, and the text column is not a column of numbers."""
     for column in filter(None, (text_field, label_field)):
         if column not in dataset.column_names:
+            unlabelled = " (a split without labels cannot be trained or scored on: `gru-nlp predict` labels it)"
             raise DataError(
                 f"column {column!r} not found in split {split!r} of {source}; it has columns "
                 f"{dataset.column_names}: set text_field / label_field to the right names"
+                + (unlabelled if column == label_field else "")
             )
     text = dataset.features[text_field]
     if isinstance(text, Value) and text.dtype not in ("string", "large_string", "null"):
@@ -641,7 +688,8 @@ def _usable_rows(dataset: Dataset, text_field: str, label_field: str, split: str
     labels = _column_values(dataset, label_field)
     kept_labels = [labels[row] for row in kept]
     for row, label in zip(kept, kept_labels, strict=True):
-        if label is None or (isinstance(label, float) and math.isnan(label)):
+        blank = isinstance(label, str) and not label.strip()  # as a csv's empty field, which reads as None
+        if label is None or blank or (isinstance(label, float) and math.isnan(label)):
             raise DataError(f"row {row} of split {split!r} ({source}) has no label: fill it in or drop the row")
     return kept, kept_labels
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -117,6 +118,14 @@ class GruNlpCLI(LightningCLI):
                 f"--trainer.precision {config.trainer.precision} casts the weights to half precision, which the GRU "
                 "does not support; use bf16-mixed (or 16-mixed on a GPU): half-precision compute, fp32 weights"
             )
+        # Lightning would say so only after the data is loaded and the tokenizer trained (minutes on IMDB).
+        accelerator = str(config.trainer.accelerator)
+        if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            if not (accelerator == "gpu" and torch.backends.mps.is_available()):
+                raise SettingError(
+                    f"--trainer.accelerator {accelerator}: torch sees no CUDA GPU here "
+                    f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use auto or cpu"
+                )
         # Fail before the data is loaded and the tokenizer trained (minutes on IMDB), not after.
         # No subcommand: built with run=False to fit from a script (scripts/train_imdb.py).
         if self.subcommand not in ("fit", None):

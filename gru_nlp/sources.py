@@ -4,7 +4,10 @@
 columns, reading labels and carving validation are `gru_nlp.data`'s work.
 """
 
+import bz2
 import csv
+import gzip
+import lzma
 import os
 import re
 from collections import defaultdict
@@ -15,6 +18,8 @@ import datasets
 from datasets import ClassLabel, Dataset, Features, Value
 
 DATA_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json"}
+# Text files may be compressed (train.jsonl.gz); datasets decompresses them as it reads.
+COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
 _SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")  # train-00000-of-00002.parquet is a shard of "train"
 _HUB_ID = re.compile(r"^\w[\w.-]*(/\w[\w.-]*)?$")  # "org/name" or "name"
@@ -49,8 +54,10 @@ def load_raw_splits(
         )
         if imdb_root is not None:
             return _load_acl_imdb(imdb_root, wanted, cache_dir)
+        if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+            return _load_saved_to_disk(local, wanted)
         return _load_data_files(local, wanted, cache_dir)
-    if not _HUB_ID.match(path) or Path(path).suffix.lower() in DATA_EXTENSIONS:
+    if not _HUB_ID.match(path) or _data_format(Path(path)) is not None:
         raise DataNotFoundError(f"no such file or folder: {local}")
     try:
         loaded = datasets.load_dataset(path, name, cache_dir=cache_dir)
@@ -69,19 +76,38 @@ def load_raw_splits(
     return dict(loaded), {split: source for split in loaded}
 
 
+def _data_format(path: Path) -> str | None:
+    """The `datasets` builder that reads a data file (json for `train.jsonl.gz`), or None if it is no data file."""
+    suffixes = [suffix.lower() for suffix in path.suffixes[-2:]]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes.pop()
+        if suffixes == [".parquet"]:  # parquet compresses inside the file
+            return None
+    return DATA_EXTENSIONS.get(suffixes[-1]) if suffixes else None
+
+
+def _without_data_suffixes(file: Path) -> str:
+    """`train` for train.jsonl and train.jsonl.gz."""
+    name = file.name.removesuffix(file.suffix) if file.suffix.lower() in COMPRESSIONS else file.name
+    return name.removesuffix(Path(name).suffix)
+
+
 def _split_files(path: Path) -> dict[str, list[Path]]:
-    """The data files of each split in a data file or folder."""
+    """The data files of each split in a data file or folder (or its `data/` folder, as the Hub lays shards out)."""
+    kinds = f"{', '.join(DATA_EXTENSIONS)} files (or {'/'.join(COMPRESSIONS)} compressed text files)"
     if path.is_file():
-        if path.suffix.lower() not in DATA_EXTENSIONS:
-            raise DataError(f"{path} is not a {'/'.join(DATA_EXTENSIONS)} file")
+        if _data_format(path) is None:
+            raise DataError(f"{path} is not one of the {kinds}")
         return {"train": [path]}
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in DATA_EXTENSIONS and p.is_file())
+    files = sorted(p for p in path.iterdir() if _data_format(p) is not None and p.is_file())
+    if not files and (path / "data").is_dir():
+        return _split_files(path / "data")
     if not files:
-        raise DataNotFoundError(f"no {', '.join(DATA_EXTENSIONS)} files in {path}")
+        raise DataNotFoundError(f"no {kinds} in {path}")
     splits: dict[str, list[Path]] = defaultdict(list)
     stems: dict[str, set[str]] = defaultdict(set)
     for file in files:
-        stem = _SHARD_SUFFIX.sub("", file.stem).lower()
+        stem = _SHARD_SUFFIX.sub("", _without_data_suffixes(file)).lower()
         split = SPLIT_ALIASES.get(stem, stem)
         splits[split].append(file)
         stems[split].add(stem)
@@ -103,7 +129,7 @@ def _load_data_files(path: Path, wanted: Collection[str], cache_dir: str | None)
 
 
 def _load_split_files(split: str, files: list[Path], cache_dir: str | None) -> Dataset:
-    builders = {DATA_EXTENSIONS[file.suffix.lower()] for file in files}
+    builders = {_data_format(file) for file in files}
     if len(builders) > 1:
         raise DataError(f"{', '.join(map(str, files))} mix {' and '.join(sorted(builders))} files: use one format per split")
     builder = builders.pop()
@@ -134,6 +160,17 @@ def _load_split_files(split: str, files: list[Path], cache_dir: str | None) -> D
         elif builder == "csv" and "Error tokenizing data" in detail:
             detail += " (is it comma-separated? A tab-separated file is read as such when named .tsv)"
         raise DataError(f"could not read {', '.join(map(str, files))} as {builder}: {detail}") from err
+
+
+def _load_saved_to_disk(path: Path, wanted: Collection[str]) -> tuple[dict, dict[str, str]]:
+    """A folder written by `Dataset.save_to_disk` (one split, read as `train`) or `DatasetDict.save_to_disk`."""
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as err:  # datasets' FileNotFoundError for a partial folder is an OSError
+        raise DataError(f"could not read {path} as a folder saved by datasets' save_to_disk: {err}") from None
+    splits = dict(saved) if isinstance(saved, datasets.DatasetDict) else {"train": saved}
+    sources = {split: f"{path} (save_to_disk)" for split in splits}
+    return {split: dataset for split, dataset in splits.items() if split in wanted}, sources
 
 
 def _load_acl_imdb(root: Path, wanted: Collection[str], cache_dir: str | None) -> tuple[dict, dict[str, str]]:
@@ -175,7 +212,10 @@ def _acl_imdb_classes(folder: Path, known: list[str] | None = None) -> list[str]
     among the training folder's `known` ones."""
     if not folder.is_dir():
         return []
-    classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and entry.name != "unsup")
+    # Not unsup's reviews, nor a hidden folder (.ipynb_checkpoints, .git): neither is a class.
+    classes = sorted(
+        entry.name for entry in folder.iterdir() if entry.is_dir() and entry.name != "unsup" and not entry.name.startswith(".")
+    )
     unknown = sorted(set(classes) - set(known if known is not None else classes))
     if unknown:
         raise DataError(
@@ -198,8 +238,13 @@ def _read_acl_imdb(files: list[str], stats: list[tuple[int, int]], classes: tupl
 
 
 def _check_utf8(path: Path) -> None:
-    """Raise a ValueError naming the line and column of the first byte of `path` that is not UTF-8."""
-    data = path.read_bytes()
+    """Raise a ValueError naming the line and column of the first byte of `path` that is not UTF-8
+    (of its decompressed text, for a compressed file)."""
+    open_compressed = COMPRESSIONS.get(path.suffix.lower())
+    try:
+        data = path.read_bytes() if open_compressed is None else open_compressed(path).read()
+    except (OSError, EOFError, lzma.LZMAError) as err:  # gzip's BadGzipFile is an OSError
+        raise DataError(f"could not decompress {path}: {err}") from None
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as err:

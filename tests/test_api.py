@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -245,6 +246,16 @@ def test_class_ids_read_gold_labels_as_training_does(classifier):
         classifier.class_ids([3, 0])
     with pytest.raises(TypeError, match="labels must be a list of labels, got one str: 'pos'"):
         classifier.class_ids("pos")
+
+
+def test_an_explanation_as_json_and_explain_given_a_list(classifier):
+    explanation = classifier.explain("a bad dull film")
+    record = json.loads(json.dumps(explanation.to_dict()))
+    assert record["method"] == "attention" and record["label"] == explanation.prediction.label
+    assert record["words"] == ["a", "bad", "dull", "film"]
+    np.testing.assert_allclose(record["weights"], explanation.weights, atol=1e-6)
+    with pytest.raises(TypeError, match="explain takes one text, a str, got list"):
+        classifier.explain(["a", "b"])
 
 
 def test_explain_edge_cases_and_gates(classifier):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -199,6 +200,7 @@ def test_explain_adds_word_weights(tiny_checkpoint, capsys):
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--batch-size", "0", "x"], "batch-size"),
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--device", "gpu", "x"], "device 'gpu' is not usable here"),
         (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--device", "gpu", "--quantize", "x"], "device 'gpu' is not usable"),
+        (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--input", str(_gzip(tmp / "t.jsonl.gz", '{"text": "x"}\n'))], "t.jsonl.gz: is gzip-compressed"),
     ],
     ids=[
         "missing-ckpt",
@@ -223,6 +225,7 @@ def test_explain_adds_word_weights(tiny_checkpoint, capsys):
         "batch-size",
         "device",
         "device-int8",
+        "gzip",
     ],
 )
 def test_errors_exit_2_with_one_line(tiny_checkpoint, capsys, tmp_path, setup, message):
@@ -233,6 +236,11 @@ def test_errors_exit_2_with_one_line(tiny_checkpoint, capsys, tmp_path, setup, m
 
 def _write(path, content: str):
     path.write_text(content, encoding="utf-8")
+    return path
+
+
+def _gzip(path, content: str):
+    path.write_bytes(gzip.compress(content.encode()))
     return path
 
 

@@ -526,7 +526,7 @@ def test_missing_files_are_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         data_module("reviews.csv", tmp_path).num_classes
     (tmp_path / "empty_folder").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"no \.parquet, \.csv, \.tsv, \.json, \.jsonl files in .*empty_folder"):
+    with pytest.raises(FileNotFoundError, match=r"no \.parquet, \.csv, \.tsv, \.json, \.jsonl files \(or .*compressed .*\) in .*empty_folder"):
         data_module(tmp_path / "empty_folder", tmp_path).num_classes
 
 
@@ -758,3 +758,88 @@ def test_prepare_data_encodes_the_splits_its_stage_uses(tmp_path, tokenizer_path
     dm.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn(stage)))
     dm.prepare_data()
     assert set(dm._encoded) == encoded
+
+
+def test_a_hidden_folder_in_an_acl_imdb_split_is_no_class(tmp_path, tokenizer_path):
+    root = write_acl_imdb(tmp_path / "imdb")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    for i in range(3):  # a notebook's leftovers would be a class, and shift the ids of neg and pos
+        (root / "train" / ".ipynb_checkpoints" / f"{i}_7-checkpoint.txt").write_text("A copy of a review.")
+    assert data_module(root, tmp_path, tokenizer_path=tokenizer_path, test_split="test").label_names == ["neg", "pos"]
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_label_is_missing_in_every_format(tmp_path, blank):
+    rows = [dict(row) for row in TRAIN]
+    rows[4]["label"] = blank
+    write(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match=r"row 4 of split 'train' \(.*train.jsonl\) has no label"):
+        data_module(tmp_path / "train.jsonl", tmp_path, test_split=None).num_classes
+
+
+def test_a_test_split_without_labels_is_left_out_of_a_fit_and_named_when_tested(tmp_path, tokenizer_path, caplog):
+    write(tmp_path / "data" / "train.jsonl", TRAIN)
+    write(tmp_path / "data" / "test.jsonl", [{"id": i, "text": row["text"]} for i, row in enumerate(TEST)])  # Kaggle style
+    dm = data_module(tmp_path / "data", tmp_path, tokenizer_path=tokenizer_path)
+    with caplog.at_level(logging.WARNING, logger="gru_nlp.data"):
+        dm.setup("fit")
+    assert len(examples(dm.train_dataloader())) == 18
+    assert "Not reading the test split: split 'test' (" in caplog.text
+    with pytest.raises(DataError, match=r"split 'test' .* has no 'label' column .* `gru-nlp predict` labels it"):
+        dm.setup("test")
+    dm.setup("predict")
+    assert len(dm.predict_texts()[1]) == 6
+
+
+def test_compressed_text_files_a_hub_data_folder_and_a_saved_dataset_load_as_the_plain_files_do(tmp_path, tokenizer_path):
+    import gzip
+
+    write(tmp_path / "plain" / "train.jsonl", TRAIN)
+    write(tmp_path / "plain" / "test.csv", TEST)
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "train.jsonl.gz").write_bytes(gzip.compress((tmp_path / "plain" / "train.jsonl").read_bytes()))
+    (tmp_path / "gz" / "test.csv.gz").write_bytes(gzip.compress((tmp_path / "plain" / "test.csv").read_bytes()))
+    write(tmp_path / "hub" / "data" / "train-00000-of-00002.parquet", TRAIN[:7])  # as a Hub dataset's files lie
+    write(tmp_path / "hub" / "data" / "train-00001-of-00002.parquet", TRAIN[7:])
+    write(tmp_path / "hub" / "data" / "test-00000-of-00001.parquet", TEST)
+    (tmp_path / "hub" / "README.md").write_text("# a dataset card")
+    saved = datasets.DatasetDict(
+        {split: datasets.Dataset.from_list(rows) for split, rows in (("train", TRAIN), ("test", TEST))}
+    )
+    saved.save_to_disk(str(tmp_path / "saved"))
+    loaded = {}
+    for kind in ("plain", "gz", "hub", "saved"):
+        dm = data_module(tmp_path / kind, tmp_path, tokenizer_path=tokenizer_path)
+        dm.setup("fit")
+        dm.setup("test")
+        loaded[kind] = [examples(loader) for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader())]
+    assert [len(rows) for rows in loaded["plain"]] == [18, 2, 6]
+    for kind in ("gz", "hub", "saved"):
+        assert loaded[kind] == loaded["plain"], kind
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "train.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match=r"could not decompress .*train.jsonl.gz"):
+        data_module(tmp_path / "bad", tmp_path, test_split=None).num_classes
+
+
+@pytest.mark.parametrize(
+    "rows, val_size, message",
+    [
+        (TRAIN + [{"text": "So-so.", "label": "mixed"}], 0.1, r"class 'mixed' has a single row in split 'train'"),
+        (TRAIN, 1, r"val_size=1 carves 1 of the 20 rows .* leaving validation fewer rows than the 2 classes.* from 2 to 18"),
+        (TRAIN, 19, r"val_size=19 carves 19 of the 20 rows .* leaving training fewer rows than the 2 classes"),
+    ],
+)
+def test_a_random_carve_that_cannot_keep_every_class_on_both_sides_says_so_in_its_own_words(tmp_path, rows, val_size, message):
+    write(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match=message):
+        data_module(tmp_path / "train.jsonl", tmp_path, test_split=None, val_size=val_size).num_classes
+
+
+def test_a_class_named_by_label_names_without_training_rows_is_warned_of(tmp_path, caplog):
+    write(tmp_path / "train.jsonl", TRAIN)
+    with caplog.at_level(logging.WARNING, logger="gru_nlp.data"):
+        dm = data_module(tmp_path / "train.jsonl", tmp_path, test_split=None, label_names=["neg", "pos", "mixed"])
+        dm.setup("fit")
+    assert dm.num_classes == 3
+    assert "Classes ['mixed'] have no rows in split 'train'" in caplog.text

@@ -144,7 +144,7 @@ def test_a_split_of_only_blank_texts_is_an_error(tmp_path_factory):
 def test_a_class_too_small_to_carve_validation_from_is_an_error_naming_the_file(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
     write_rows(folder / "train.jsonl", [*ANCHORS, ("another good one", "pos"), ("lonely", "meh")], "jsonl")
-    with pytest.raises(ValueError, match="cannot carve a validation split .*train.jsonl"):
+    with pytest.raises(ValueError, match=r"class(es)? .*'meh'.* a single row .*in split 'train' \(.*train.jsonl\)"):
         TextDataModule(str(folder), cache_dir=str(folder / "cache"), test_split=None)._text_splits()
 
 

@@ -478,9 +478,12 @@ def test_a_tokenizer_path_that_cannot_be_loaded_is_one_line_naming_it(tmp_path, 
         ("--data.seed", "-1", "seed must be from 0 to 2**32 - 1, got -1"),
         ("--data.path", "", "data.path is empty: name a Hub dataset or a local folder or file"),
         ("--ckpt_path", "best", "gru-nlp fit --ckpt_path best names the best checkpoint of a fit earlier in the same process"),
-        pytest.param(
-            "--trainer.accelerator", "cuda", "`CUDAAccelerator` can not run on your system",
-            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU"),
+        *(
+            pytest.param(
+                "--trainer.accelerator", accelerator, f"--trainer.accelerator {accelerator}: torch sees no CUDA GPU here",
+                marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU"),
+            )
+            for accelerator in ("cuda", "gpu")
         ),  # fmt: skip
     ],
 )
@@ -490,7 +493,7 @@ def test_a_setting_out_of_range_is_one_line_naming_it(tmp_path, capsys, flag, va
     assert refused.value.code == 2
     err = capsys.readouterr().err
     assert f"gru-nlp: error: {message}" in err and "Traceback" not in err
-    if flag.startswith("--model.") and flag != "--model.class_weights":  # whose count needs the data's classes
+    if flag.startswith(("--model.", "--trainer.")) and flag != "--model.class_weights":  # whose count needs the classes
         assert not (tmp_path / "cache").exists()  # refused before the data is read and a tokenizer trained
 
 
