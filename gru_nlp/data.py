@@ -399,7 +399,8 @@ class TextDataModule(L.LightningDataModule):
                 # Only `gru-nlp test` needs its labels; a fit goes on without it (a Kaggle-style test file).
                 self._unlabelled_test = (
                     f"split {split!r} ({sources[split]}) has no {hp.label_field!r} column (its columns: "
-                    f"{dataset.column_names}), so it cannot be scored: `gru-nlp predict` labels it"
+                    f"{dataset.column_names}), so it cannot be scored: `gru-nlp predict` labels it (if its labels are "
+                    f"under another name, rename that column to {hp.label_field!r}: every split reads label_field)"
                 )
                 log.warning("Not reading the test split: %s", self._unlabelled_test)
                 named["test"] = None

@@ -437,7 +437,7 @@ class PaddingSafeGRU(nn.Module):
         lengths = lengths.to(x.device)
         device = x.device.type
         if device != "cpu":
-            if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16:
+            if device == "cuda" and torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16:
                 # Autocast runs cuDNN's RNN in float16 whatever dtype was asked for (torch's
                 # aten/src/ATen/cudnn/AutocastRNN.cpp), and bf16-mixed has no gradient scaler to keep
                 # float16 gradients from underflowing: the recurrence runs in float32 instead.

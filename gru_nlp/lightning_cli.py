@@ -173,6 +173,7 @@ class GruNlpCLI(LightningCLI):
         kept = f"; the last state is in {last[0]}" if last else ""
         rank_zero_info(f"best checkpoint: (none kept: no validation ran, or --checkpoint.save_top_k is 0){kept}")
 
+
 def _check_model_settings(model: Any) -> None:
     """Build the model once with stand-in sizes, so that a setting out of range (`--model.num_layers 0`)
     fails before the data is read and the tokenizer trained, not after; the sizes come from the data."""

@@ -199,7 +199,8 @@ class LitClassifier(L.LightningModule):
         self._validation_sides.clear()
         # Every process fits on all processes' validation examples, so all get the same weights.
         everyone = [self._gather_rows(part) for part in (gru_logits, ngram_logits, labels)]
-        weights = fit_side_weights(*everyone)
+        # Fitted alike on every process; sent from the first anyway, as DDP no longer copies buffers (__init__).
+        weights = self.trainer.strategy.broadcast(fit_side_weights(*everyone), src=0)
         self.model.side_weights.copy_(weights)
         logits = weights[0] * gru_logits + weights[1] * ngram_logits  # (N, K): this process's examples
         self.val_metrics.update(logits, labels)

@@ -21,7 +21,8 @@ DATA_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".json":
 # Text files may be compressed (train.jsonl.gz); datasets decompresses them as it reads.
 COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
-_SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")  # train-00000-of-00002.parquet is a shard of "train"
+# train-00000-of-00002.parquet (and older uploads' train-00000-of-00002-<hash>.parquet) are shards of "train"
+_SHARD_SUFFIX = re.compile(r"-\d+-of-\d+(-[0-9a-f]{8,})?$")
 _HUB_ID = re.compile(r"^\w[\w.-]*(/\w[\w.-]*)?$")  # "org/name" or "name"
 
 
@@ -54,7 +55,7 @@ def load_raw_splits(
         )
         if imdb_root is not None:
             return _load_acl_imdb(imdb_root, wanted, cache_dir)
-        if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+        if (local / "dataset_dict.json").is_file() or all((local / name).is_file() for name in ("state.json", "dataset_info.json")):
             return _load_saved_to_disk(local, wanted)
         return _load_data_files(local, wanted, cache_dir)
     if not _HUB_ID.match(path) or _data_format(Path(path)) is not None:
@@ -165,7 +166,8 @@ def _load_split_files(split: str, files: list[Path], cache_dir: str | None) -> D
 def _load_saved_to_disk(path: Path, wanted: Collection[str]) -> tuple[dict, dict[str, str]]:
     """A folder written by `Dataset.save_to_disk` (one split, read as `train`) or `DatasetDict.save_to_disk`."""
     try:
-        saved = datasets.load_from_disk(str(path))
+        # In memory: encoding it would otherwise write its cache files into the user's folder, not cache_dir.
+        saved = datasets.load_from_disk(str(path), keep_in_memory=True)
     except (OSError, ValueError) as err:  # datasets' FileNotFoundError for a partial folder is an OSError
         raise DataError(f"could not read {path} as a folder saved by datasets' save_to_disk: {err}") from None
     splits = dict(saved) if isinstance(saved, datasets.DatasetDict) else {"train": saved}
@@ -190,7 +192,7 @@ def _load_acl_imdb(root: Path, wanted: Collection[str], cache_dir: str | None) -
         files = []
         for folder in folders[split]:
             names = sorted(os.listdir(folder), key=_natural_key)
-            files += [str(folder / name) for name in names if name.endswith(".txt")]
+            files += [str(folder / name) for name in names if name.endswith(".txt") and not name.startswith(".")]  # not ._1_7.txt
         # The sizes and modification times key the cache, so an edited file is read again.
         stats = [(stat.st_size, stat.st_mtime_ns) for stat in map(os.stat, files)]
         try:
@@ -242,7 +244,11 @@ def _check_utf8(path: Path) -> None:
     (of its decompressed text, for a compressed file)."""
     open_compressed = COMPRESSIONS.get(path.suffix.lower())
     try:
-        data = path.read_bytes() if open_compressed is None else open_compressed(path).read()
+        if open_compressed is None:
+            data = path.read_bytes()
+        else:
+            with open_compressed(path) as file:
+                data = file.read()
     except (OSError, EOFError, lzma.LZMAError) as err:  # gzip's BadGzipFile is an OSError
         raise DataError(f"could not decompress {path}: {err}") from None
     try:

@@ -62,7 +62,8 @@ def main(argv: list[str]) -> None:
     try:
         if cli.datamodule.hparams.test_split is None:
             raise DataError("this script scores the test split after training: set --data.test_split")
-        cli.datamodule.setup("test")  # a test split it cannot score fails now, not after training (fit encodes it anyway)
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # one process per machine encodes, as fit's prepare_data does
+            cli.datamodule.setup("test")  # a test split it cannot score fails now, not after training
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     except USER_ERRORS as err:  # as the gru-nlp command reports them
         print(f"train_imdb: error: {err}", file=sys.stderr)

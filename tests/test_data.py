@@ -769,12 +769,13 @@ def test_a_hidden_folder_in_an_acl_imdb_split_is_no_class(tmp_path, tokenizer_pa
 
 
 @pytest.mark.parametrize("blank", ["", "  "])
-def test_a_blank_label_is_missing_in_every_format(tmp_path, blank):
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet"])
+def test_a_blank_label_is_missing_in_every_format(tmp_path, blank, kind):
     rows = [dict(row) for row in TRAIN]
     rows[4]["label"] = blank
-    write(tmp_path / "train.jsonl", rows)
-    with pytest.raises(DataError, match=r"row 4 of split 'train' \(.*train.jsonl\) has no label"):
-        data_module(tmp_path / "train.jsonl", tmp_path, test_split=None).num_classes
+    write(tmp_path / f"train.{kind}", rows)
+    with pytest.raises(DataError, match=rf"row 4 of split 'train' \(.*train.{kind}\) has no label"):
+        data_module(tmp_path / f"train.{kind}", tmp_path, test_split=None).num_classes
 
 
 def test_a_test_split_without_labels_is_left_out_of_a_fit_and_named_when_tested(tmp_path, tokenizer_path, caplog):
@@ -800,7 +801,7 @@ def test_compressed_text_files_a_hub_data_folder_and_a_saved_dataset_load_as_the
     (tmp_path / "gz" / "train.jsonl.gz").write_bytes(gzip.compress((tmp_path / "plain" / "train.jsonl").read_bytes()))
     (tmp_path / "gz" / "test.csv.gz").write_bytes(gzip.compress((tmp_path / "plain" / "test.csv").read_bytes()))
     write(tmp_path / "hub" / "data" / "train-00000-of-00002.parquet", TRAIN[:7])  # as a Hub dataset's files lie
-    write(tmp_path / "hub" / "data" / "train-00001-of-00002.parquet", TRAIN[7:])
+    write(tmp_path / "hub" / "data" / "train-00001-of-00002-5e0ae7b4a2c1a0d9.parquet", TRAIN[7:])  # older uploads' names
     write(tmp_path / "hub" / "data" / "test-00000-of-00001.parquet", TEST)
     (tmp_path / "hub" / "README.md").write_text("# a dataset card")
     saved = datasets.DatasetDict(
@@ -816,6 +817,9 @@ def test_compressed_text_files_a_hub_data_folder_and_a_saved_dataset_load_as_the
     assert [len(rows) for rows in loaded["plain"]] == [18, 2, 6]
     for kind in ("gz", "hub", "saved"):
         assert loaded[kind] == loaded["plain"], kind
+    assert not list((tmp_path / "saved").rglob("cache-*"))  # encoding wrote nothing into the saved folder
+    (tmp_path / "plain" / "state.json").write_text('{"epoch": 3}')  # a file of the user's, not a saved dataset
+    assert data_module(tmp_path / "plain", tmp_path, tokenizer_path=tokenizer_path).num_classes == 2
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "train.jsonl.gz").write_bytes(b"not gzip at all")
     with pytest.raises(DataError, match=r"could not decompress .*train.jsonl.gz"):

@@ -481,7 +481,9 @@ def test_a_tokenizer_path_that_cannot_be_loaded_is_one_line_naming_it(tmp_path, 
         *(
             pytest.param(
                 "--trainer.accelerator", accelerator, f"--trainer.accelerator {accelerator}: torch sees no CUDA GPU here",
-                marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU"),
+                marks=pytest.mark.skipif(
+                    torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs a machine without a GPU"
+                ),
             )
             for accelerator in ("cuda", "gpu")
         ),  # fmt: skip
