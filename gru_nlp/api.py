@@ -320,8 +320,9 @@ class TextClassifier:
 
     def batched_outputs(self, texts: str | list[str], batch_size: int = 64) -> Iterator[tuple[list[int], ClassifierOutput]]:
         """The served model's whole output for ``texts`` (the int8 model's with ``quantize``), batch by batch:
-        (the batch's positions in ``texts``, its `ClassifierOutput`). Batches hold texts of similar length, so they come out of input order; with an
-        n-gram bag the output also holds each side's own scores (``gru_logits``, ``ngram_logits``)."""
+        (the batch's positions in ``texts``, its `ClassifierOutput`). Batches hold texts of similar length,
+        so they come out of input order; with an n-gram bag the output also holds each side's own scores
+        (``gru_logits``, ``ngram_logits``)."""
         return self._batched_outputs(self._encode(_as_batch(texts)), batch_size)
 
     def explain(self, text: str, method: Method = "attention", gates: bool = False) -> Explanation:

@@ -223,7 +223,7 @@ def read_texts(path: Path, text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[str
     except UnicodeDecodeError as error:
         compression = _compression(path)
         if compression:
-            raise InputError(f"{path}: is {compression}-compressed: decompress it first, and pass the decompressed file") from None
+            raise InputError(f"{path}: is {compression}-compressed: decompress it, and pass the decompressed file") from None
         bad_byte = error.object[error.start : error.start + 1]
         raise InputError(f"{path}: not valid UTF-8 text (found byte {bad_byte!r}); re-save the file as UTF-8") from None
 

@@ -319,7 +319,8 @@ class TextDataModule(L.LightningDataModule):
         else:
             splits = self._text_splits()
             if role not in splits:
-                raise DataError(self._unlabelled_test or f"there is no {role} split: set test_split to a split of {self.hparams.path}")
+                missing = f"there is no {role} split: set test_split to a split of {self.hparams.path}"
+                raise DataError(self._unlabelled_test or missing)
             split = splits[role]
         # datasets fingerprints the function and fn_kwargs (the tokenizer hashes by
         # its JSON), so the same data and tokenizer hit the cache in a later run.

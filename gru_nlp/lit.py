@@ -197,9 +197,9 @@ class LitClassifier(L.LightningModule):
             return
         gru_logits, ngram_logits, labels = (torch.cat(parts) for parts in zip(*self._validation_sides))  # (N, K), (N, K), (N,)
         self._validation_sides.clear()
-        # Every process fits on all processes' validation examples, so all get the same weights.
+        # Every process fits on all processes' validation examples; the first one's weights are sent to
+        # the others all the same, as DDP no longer copies the model's buffers (__init__).
         everyone = [self._gather_rows(part) for part in (gru_logits, ngram_logits, labels)]
-        # Fitted alike on every process; sent from the first anyway, as DDP no longer copies buffers (__init__).
         weights = self.trainer.strategy.broadcast(fit_side_weights(*everyone), src=0)
         self.model.side_weights.copy_(weights)
         logits = weights[0] * gru_logits + weights[1] * ngram_logits  # (N, K): this process's examples

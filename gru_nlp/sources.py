@@ -55,7 +55,8 @@ def load_raw_splits(
         )
         if imdb_root is not None:
             return _load_acl_imdb(imdb_root, wanted, cache_dir)
-        if (local / "dataset_dict.json").is_file() or all((local / name).is_file() for name in ("state.json", "dataset_info.json")):
+        saved_files = ("dataset_dict.json",), ("state.json", "dataset_info.json")  # DatasetDict, Dataset.save_to_disk
+        if any(all((local / name).is_file() for name in names) for names in saved_files):
             return _load_saved_to_disk(local, wanted)
         return _load_data_files(local, wanted, cache_dir)
     if not _HUB_ID.match(path) or _data_format(Path(path)) is not None:
