@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -18,7 +19,17 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from gru_nlp.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, refuse_a_diverged_checkpoint
 from gru_nlp.encoder import check_encoder_tokenizer, copy_encoder, load_encoder
 from gru_nlp.language_model import BiGRULanguageModel
-from gru_nlp.model import BiGRUClassifier, NgramFeatures, Pooling, SettingError, check_settings, fit_side_weights
+from gru_nlp.model import (
+    BiGRUClassifier,
+    ClassifierOutput,
+    NgramFeatures,
+    Pooling,
+    SettingError,
+    adversarial_perturbation,
+    check_settings,
+    fit_side_weights,
+    lengths_to_mask,
+)
 from gru_nlp.tokenizer import save_tokenizer
 
 
@@ -54,6 +65,10 @@ class LitClassifier(L.LightningModule):
             sides' scores are weighted outside training) on the validation split at the end
             of every validation, before its metrics are computed: checkpoints are chosen and
             saved with the weights they are served with. False serves the plain sum.
+        adversarial_norm: if > 0, adversarial training (Miyato et al. 2017): each step adds the
+            training loss at the embeddings moved a step of this L2 norm per text (in units of the
+            embeddings' root-mean-square entry) in the direction that raises the loss most, to the
+            loss at the embeddings themselves. A step costs about twice as much. 0 turns it off.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay (not applied to biases or the embedding).
         warmup: fraction of all optimiser steps spent warming the learning rate up linearly.
@@ -88,6 +103,7 @@ class LitClassifier(L.LightningModule):
         ngram_lr: float = 0.2,
         branch_loss: float = 0.0,
         calibrate_sides: bool = True,
+        adversarial_norm: float = 0.0,
         lr: float = 2e-3,
         weight_decay: float = 0.01,
         warmup: float = 0.05,
@@ -104,7 +120,7 @@ class LitClassifier(L.LightningModule):
         if class_weights is not None and (min(class_weights) < 0 or max(class_weights) <= 0):
             raise SettingError(f"class_weights must be 0 or more, and not all 0, got {class_weights}")
         check_settings("positive", lr=lr, ngram_lr=ngram_lr)
-        check_settings("non_negative", weight_decay=weight_decay, branch_loss=branch_loss)
+        check_settings("non_negative", weight_decay=weight_decay, branch_loss=branch_loss, adversarial_norm=adversarial_norm)
         check_settings("fraction", warmup=warmup, label_smoothing=label_smoothing)
         check_settings("ratio", min_lr_ratio=min_lr_ratio)
         self.save_hyperparameters()
@@ -155,16 +171,47 @@ class LitClassifier(L.LightningModule):
 
     def _shared_step(self, batch: dict[str, Tensor], metrics: MetricCollection) -> Tensor:
         output = self.model(batch["input_ids"], batch["lengths"])
-        labels = batch["labels"]
+        metrics.update(output.logits.detach(), batch["labels"])
+        return self._loss(output, batch["labels"])
+
+    def _loss(self, output: ClassifierOutput, labels: Tensor) -> Tensor:
         loss = self.loss_fn(output.logits.float(), labels)
         if self.training and self.hparams.branch_loss and output.ngram_logits is not None:
             branch_losses = self.loss_fn(output.gru_logits.float(), labels) + self.loss_fn(output.ngram_logits.float(), labels)
             loss = loss + self.hparams.branch_loss * branch_losses
-        metrics.update(output.logits.detach(), labels)
         return loss
 
+    def _adversarial_step(self, batch: dict[str, Tensor]) -> Tensor:
+        """The loss at the embeddings plus the loss at the embeddings moved along its gradient.
+
+        Finding the direction takes the first loss's backward here, and the GRU's backward runs once
+        per graph, so that backward also collects the first loss's parameter gradients, and they come
+        back to Lightning's backward (and DDP's gradient averaging) through a term whose value is 0 and
+        whose gradient is theirs. Two forwards and two backwards, not three.
+        """
+        input_ids, lengths, labels = batch["input_ids"], batch["lengths"], batch["labels"]
+        embedded = self.model.embedding(input_ids)  # (B, T, E)
+        output = self.model(input_ids, lengths, embedded=embedded)
+        self.train_metrics.update(output.logits.detach(), labels)
+        clean_loss = self._loss(output, labels)
+        parameters = [parameter for parameter in self.parameters() if parameter.requires_grad]
+        gradient, *parameter_gradients = torch.autograd.grad(clean_loss, [embedded, *parameters], allow_unused=True)
+        mask = lengths_to_mask(lengths.to(input_ids.device), input_ids.size(1))  # (B, T)
+        step = adversarial_perturbation(gradient, embedded, mask, self.hparams.adversarial_norm)  # (B, T, E)
+        # The embedding's graph went with the backward above: look the tokens up again.
+        adversarial = self.model(input_ids, lengths, embedded=self.model.embedding(input_ids) + step)
+        linear = sum(
+            (parameter * grad).sum()
+            for parameter, grad in zip(parameters, parameter_gradients, strict=True)
+            if grad is not None
+        )
+        return clean_loss.detach() + self._loss(adversarial, labels) + (linear - linear.detach())
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self._shared_step(batch, self.train_metrics)
+        if self.hparams.adversarial_norm:
+            loss = self._adversarial_step(batch)
+        else:
+            loss = self._shared_step(batch, self.train_metrics)
         batch_size = batch["labels"].numel()
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=batch_size)
@@ -370,8 +417,16 @@ def _adamw_warmup_cosine(module: L.LightningModule, groups: list[dict[str, Any]]
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def _fused_optimizer_supported(module: nn.Module) -> bool | None:
-    """True where torch has a fused AdamW for the module's parameters' device; None lets torch choose."""
+def _fused_optimizer_supported(module: L.LightningModule) -> bool | None:
+    """True where torch has a fused AdamW for the module's parameters' device and Lightning can clip its
+    gradients; None lets torch choose.
+
+    A fused AdamW unscales mixed-precision gradients inside its step, after Lightning would clip them, so
+    Lightning refuses to clip for it under `16-mixed` or `bf16-mixed` (a RuntimeError at the first step).
+    """
+    trainer = module.trainer
+    if trainer.gradient_clip_val and isinstance(trainer.precision_plugin, MixedPrecision):
+        return None
     devices = {parameter.device.type for parameter in module.parameters()}
     return True if devices <= {"cpu", "cuda"} else None
 

@@ -259,6 +259,29 @@ def _repeats(ids: Tensor) -> Tensor:
     return torch.zeros_like(repeat).scatter_(1, positions, repeat)
 
 
+def adversarial_perturbation(gradient: Tensor, embedded: Tensor, mask: Tensor, size: float) -> Tensor:
+    """The step along the loss's gradient that adversarial training adds to the embeddings (Miyato et al. 2017).
+
+    r = size * s * g / |g|_2 per text, the norm taken over all of the text's (T, E) entries, where
+    s is the root-mean-square entry of the batch's real token embeddings. The paper normalises the
+    embeddings so that they cannot grow away from a perturbation of fixed size; measuring the size
+    in units of s does the same here. A text whose gradient is zero (every token dropped) is left alone.
+
+    Args:
+        gradient: (B, T, E) d loss / d embeddings.
+        embedded: (B, T, E) the embeddings the gradient was taken at.
+        mask: (B, T) True on real tokens.
+        size: the perturbation's norm per text, in units of s.
+
+    Returns:
+        (B, T, E) the perturbation, zero on padding, with no gradient of its own.
+    """
+    gradient = gradient.detach() * mask[..., None]  # (B, T, E)
+    scale = embedded.detach()[mask].float().square().mean().sqrt()  # s, a scalar
+    norms = gradient.flatten(1).float().norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)  # (B,)
+    return (size * scale / norms)[:, None, None].to(gradient.dtype) * gradient  # (B, T, E)
+
+
 class ClassifierOutput(NamedTuple):
     logits: Tensor  # (B, K), as served
     attention: Tensor  # (B, T), sums to 1 over the real tokens

@@ -11,7 +11,7 @@ import torch
 from gru_nlp.api import TextClassifier
 from gru_nlp.data import TextDataModule
 from gru_nlp.lit import CHECKPOINT_KEY, LitClassifier, warmup_cosine
-from gru_nlp.model import fit_side_weights
+from gru_nlp.model import adversarial_perturbation, fit_side_weights, lengths_to_mask
 from gru_nlp.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def tiny_data(tmp_path_factory) -> TextDataModule:
     return TextDataModule(str(REPO / "tests/fixtures/tiny"), vocab_size=300, min_frequency=1, max_length=64, batch_size=16, val_size=0.2, cache_dir=str(cache))
 
 
-def fit_tiny(data: TextDataModule, root, precision: str = "32-true") -> tuple[L.Trainer, LitClassifier]:
+def fit_tiny(data: TextDataModule, root, precision: str = "32-true", **trainer_settings) -> tuple[L.Trainer, LitClassifier]:
     L.seed_everything(0, verbose=False)
     model = LitClassifier(data.vocab_size, data.num_classes, data.label_names, embedding_dim=16, hidden_size=12, num_layers=1, lr=0.01)
     trainer = L.Trainer(
@@ -48,6 +48,7 @@ def fit_tiny(data: TextDataModule, root, precision: str = "32-true") -> tuple[L.
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        **trainer_settings,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -76,8 +77,9 @@ def test_checkpoint_reloads_to_identical_logits_and_carries_what_inference_needs
     assert load_tokenizer(tmp_path / "tokenizer.json").to_str() == tiny_data.tokenizer.to_str()
 
 
-def test_bf16_mixed_trains_on_cpu(tiny_data, tmp_path):
-    trainer, model = fit_tiny(tiny_data, tmp_path, precision="bf16-mixed")
+def test_bf16_mixed_trains_on_cpu_with_gradient_clipping(tiny_data, tmp_path):
+    # imdb.yaml clips gradients; Lightning cannot clip them for a fused AdamW under mixed precision.
+    trainer, model = fit_tiny(tiny_data, tmp_path, precision="bf16-mixed", gradient_clip_val=1.0)
     assert trainer.global_step > 0
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert all(parameter.dtype == torch.float32 for parameter in model.parameters())  # mixed: weights stay fp32
@@ -100,6 +102,82 @@ def test_branch_loss_adds_each_sides_own_loss_in_training_only():
     torch.testing.assert_close(lit._shared_step(batch, lit.val_metrics), joint)
     lit.train()
     torch.testing.assert_close(lit._shared_step(batch, lit.train_metrics), joint + 0.5 * sides)
+
+
+def test_the_adversarial_perturbation_has_its_norm_per_text_and_raises_the_loss_more_than_a_random_one():
+    torch.manual_seed(0)
+    lit = LitClassifier(vocab_size=40, num_classes=2, embedding_dim=8, hidden_size=6, num_layers=1, dropout=0.0, embedding_dropout=0.0)
+    input_ids, lengths, labels = torch.randint(1, 40, (4, 7)), torch.tensor([7, 5, 3, 1]), torch.tensor([0, 1, 1, 0])
+    mask = lengths_to_mask(lengths, 7)
+    input_ids = input_ids.masked_fill(~mask, 0)
+    embedded = lit.model.embedding(input_ids).detach().requires_grad_(True)  # (4, 7, 8)
+
+    def loss_at(vectors):
+        return torch.nn.functional.cross_entropy(lit.model(input_ids, lengths, embedded=vectors).logits, labels)
+
+    (gradient,) = torch.autograd.grad(loss_at(embedded), embedded)
+    step = adversarial_perturbation(gradient, embedded, mask, size=0.05)
+    rms = embedded.detach()[mask].square().mean().sqrt()
+    torch.testing.assert_close(step.flatten(1).norm(dim=1), torch.full((4,), 0.05 * rms.item()))
+    assert step[~mask].abs().max() == 0 and not step.requires_grad
+    with torch.no_grad():
+        clean, adversarial = loss_at(embedded), loss_at(embedded + step)
+        random = torch.randn_like(step) * mask[..., None]
+        random = random * (step.flatten(1).norm(dim=1) / random.flatten(1).norm(dim=1))[:, None, None]
+        assert adversarial > loss_at(embedded + random) and adversarial > clean
+    # A text whose gradient is zero (every token dropped in training) is left alone, not divided by zero.
+    assert adversarial_perturbation(torch.zeros_like(gradient), embedded, mask, 1.0).abs().max() == 0
+
+
+def test_adversarial_training_learns_from_the_clean_loss_plus_the_loss_at_the_perturbed_embeddings():
+    torch.manual_seed(0)
+    lit = LitClassifier(
+        vocab_size=40, num_classes=3, embedding_dim=8, hidden_size=6, num_layers=1,
+        dropout=0.0, embedding_dropout=0.0, ngram_buckets=17, branch_loss=0.5, adversarial_norm=2.0,
+    )  # no dropout, so that the step can be recomputed by hand
+    with torch.no_grad():
+        lit.model.ngrams.weight.weight[1:].normal_()
+    batch = {"input_ids": torch.randint(1, 40, (4, 6)), "lengths": torch.tensor([6, 5, 3, 1]), "labels": torch.tensor([0, 1, 2, 1])}
+    mask = lengths_to_mask(batch["lengths"], 6)
+    batch["input_ids"] = batch["input_ids"].masked_fill(~mask, 0)
+    lit.train()
+    loss = lit.training_step(batch, 0)
+    loss.backward()
+    got = {name: parameter.grad.clone() for name, parameter in lit.named_parameters()}
+
+    lit.zero_grad()
+    embedded = lit.model.embedding(batch["input_ids"])
+    probe = embedded.detach().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(lit._loss(lit.model(batch["input_ids"], batch["lengths"], embedded=probe), batch["labels"]), probe)
+    step = adversarial_perturbation(gradient, probe, mask, 2.0)
+    clean = lit._loss(lit.model(batch["input_ids"], batch["lengths"]), batch["labels"])
+    adversarial = lit._loss(lit.model(batch["input_ids"], batch["lengths"], embedded=embedded + step), batch["labels"])
+    (clean + adversarial).backward()
+    torch.testing.assert_close(loss.detach(), (clean + adversarial).detach())
+    assert adversarial > clean
+    for name, parameter in lit.named_parameters():
+        torch.testing.assert_close(got[name], parameter.grad, msg=name)
+
+
+def test_adversarial_training_fits_and_is_refused_below_zero(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="adversarial_norm must be 0 or more, got -1"):
+        LitClassifier(vocab_size=50, num_classes=2, adversarial_norm=-1.0)
+    L.seed_everything(0, verbose=False)
+    model = LitClassifier(
+        tiny_data.vocab_size, tiny_data.num_classes, tiny_data.label_names, embedding_dim=16, hidden_size=12,
+        num_layers=1, lr=0.01, ngram_buckets=64, ngram_features="naive_bayes", ngram_lr=0.01, adversarial_norm=1.0,
+    )
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", precision="bf16-mixed", gradient_clip_val=1.0, default_root_dir=tmp_path,
+        logger=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, datamodule=tiny_data)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"]) and torch.isfinite(trainer.callback_metrics["val/loss"])
+    unchanged = [name for name, parameter in model.named_parameters() if torch.equal(parameter, before[name])]
+    assert unchanged == []  # every parameter, the embedding included, learned
 
 
 def test_naive_bayes_bag_counts_the_training_set_once_and_the_checkpoint_keeps_it(tiny_data, tmp_path):
