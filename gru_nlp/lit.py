@@ -65,10 +65,11 @@ class LitClassifier(L.LightningModule):
             sides' scores are weighted outside training) on the validation split at the end
             of every validation, before its metrics are computed: checkpoints are chosen and
             saved with the weights they are served with. False serves the plain sum.
-        adversarial_norm: if > 0, adversarial training (Miyato et al. 2017): each step adds the
-            training loss at the embeddings moved a step of this L2 norm per text (in units of the
-            embeddings' root-mean-square entry) in the direction that raises the loss most, to the
-            loss at the embeddings themselves. A step costs about twice as much. 0 turns it off.
+        adversarial_norm: if > 0, adversarial training (Miyato et al. 2017): each step learns from
+            the mean of the training loss at the embeddings and at the embeddings moved a step of
+            this L2 norm per text (in units of the embeddings' root-mean-square entry) in the
+            direction that raises the loss most. The paper uses 5 on IMDB. A step costs about twice
+            as much; train/loss logs the first loss, train/adversarial_loss the second. 0 turns it off.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay (not applied to biases or the embedding).
         warmup: fraction of all optimiser steps spent warming the learning rate up linearly.
@@ -175,45 +176,59 @@ class LitClassifier(L.LightningModule):
         return self._loss(output, batch["labels"])
 
     def _loss(self, output: ClassifierOutput, labels: Tensor) -> Tensor:
+        """The training loss of `output` in training (with each side's own loss, see branch_loss), else the served logits'."""
         loss = self.loss_fn(output.logits.float(), labels)
         if self.training and self.hparams.branch_loss and output.ngram_logits is not None:
             branch_losses = self.loss_fn(output.gru_logits.float(), labels) + self.loss_fn(output.ngram_logits.float(), labels)
             loss = loss + self.hparams.branch_loss * branch_losses
         return loss
 
-    def _adversarial_step(self, batch: dict[str, Tensor]) -> Tensor:
-        """The loss at the embeddings plus the loss at the embeddings moved along its gradient.
+    def _adversarial_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """The mean of the loss at the embeddings and the loss at the embeddings moved along its gradient.
 
-        Finding the direction takes the first loss's backward here, and the GRU's backward runs once
-        per graph, so that backward also collects the first loss's parameter gradients, and they come
-        back to Lightning's backward (and DDP's gradient averaging) through a term whose value is 0 and
-        whose gradient is theirs. Two forwards and two backwards, not three.
+        Both passes read the same word-dropped embeddings. Finding the direction takes the first loss's
+        backward here, and the GRU's backward runs once per graph, so that backward also collects the
+        first loss's gradients for every parameter, and they come back to Lightning's backward (and to
+        DDP's gradient averaging) through a term whose value is 0 and whose gradient is theirs: two
+        forwards and two backwards a step, not three.
+
+        Returns:
+            the loss to backpropagate, and the clean and adversarial losses (detached) to log.
         """
         input_ids, lengths, labels = batch["input_ids"], batch["lengths"], batch["labels"]
-        embedded = self.model.embedding(input_ids)  # (B, T, E)
-        output = self.model(input_ids, lengths, embedded=embedded)
+        embedded = self.model.embed(input_ids)  # (B, T, E)
+        probe = embedded.detach().requires_grad_(True)  # (B, T, E): where the first backward stops
+        output = self.model(input_ids, lengths, embedded=probe)
         self.train_metrics.update(output.logits.detach(), labels)
         clean_loss = self._loss(output, labels)
+        # Under 16-mixed the gradients are taken of the scaled loss, as Lightning's backward takes them,
+        # so that small float16 gradients do not flush to zero; they are unscaled below.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
         parameters = [parameter for parameter in self.parameters() if parameter.requires_grad]
-        gradient, *parameter_gradients = torch.autograd.grad(clean_loss, [embedded, *parameters], allow_unused=True)
+        probe_gradient, *parameter_gradients = torch.autograd.grad(
+            clean_loss * scale, [probe, *parameters], allow_unused=True
+        )  # the embedding table's share arrives through probe_gradient
         mask = lengths_to_mask(lengths.to(input_ids.device), input_ids.size(1))  # (B, T)
-        step = adversarial_perturbation(gradient, embedded, mask, self.hparams.adversarial_norm)  # (B, T, E)
-        # The embedding's graph went with the backward above: look the tokens up again.
-        adversarial = self.model(input_ids, lengths, embedded=self.model.embedding(input_ids) + step)
-        linear = sum(
-            (parameter * grad).sum()
-            for parameter, grad in zip(parameters, parameter_gradients, strict=True)
-            if grad is not None
+        step = adversarial_perturbation(probe_gradient, probe, mask, self.hparams.adversarial_norm)  # (B, T, E)
+        adversarial_loss = self._loss(self.model(input_ids, lengths, embedded=embedded + step), labels)
+        clean_gradients = (embedded * probe_gradient).sum() + sum(
+            ((parameter * gradient).sum() for parameter, gradient in zip(parameters, parameter_gradients, strict=True)
+             if gradient is not None),
+            start=clean_loss.new_zeros(()),
         )
-        return clean_loss.detach() + self._loss(adversarial, labels) + (linear - linear.detach())
+        clean_gradients = clean_gradients / scale
+        loss = (clean_loss.detach() + adversarial_loss + (clean_gradients - clean_gradients.detach())) / 2
+        return loss, clean_loss.detach(), adversarial_loss.detach()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        if self.hparams.adversarial_norm:
-            loss = self._adversarial_step(batch)
-        else:
-            loss = self._shared_step(batch, self.train_metrics)
         batch_size = batch["labels"].numel()
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        if self.hparams.adversarial_norm:
+            loss, clean_loss, adversarial_loss = self._adversarial_step(batch)
+            self.log("train/adversarial_loss", adversarial_loss, batch_size=batch_size)
+        else:
+            loss = clean_loss = self._shared_step(batch, self.train_metrics)
+        self.log("train/loss", clean_loss, prog_bar=True, batch_size=batch_size)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=batch_size)
         return loss
 

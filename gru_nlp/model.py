@@ -259,19 +259,20 @@ def _repeats(ids: Tensor) -> Tensor:
     return torch.zeros_like(repeat).scatter_(1, positions, repeat)
 
 
-def adversarial_perturbation(gradient: Tensor, embedded: Tensor, mask: Tensor, size: float) -> Tensor:
+def adversarial_perturbation(gradient: Tensor, embedded: Tensor, mask: Tensor, norm: float) -> Tensor:
     """The step along the loss's gradient that adversarial training adds to the embeddings (Miyato et al. 2017).
 
-    r = size * s * g / |g|_2 per text, the norm taken over all of the text's (T, E) entries, where
-    s is the root-mean-square entry of the batch's real token embeddings. The paper normalises the
-    embeddings so that they cannot grow away from a perturbation of fixed size; measuring the size
-    in units of s does the same here. A text whose gradient is zero (every token dropped) is left alone.
+    r = norm * s * g / |g|_2 per text, the L2 norm taken over all of the text's (T, E) entries, where
+    s is the root-mean-square entry of the batch's real token embeddings. The paper normalises each
+    embedding dimension to unit variance, so that the embeddings cannot grow away from a perturbation
+    of fixed size, and uses norm 5 on IMDB; measuring the norm in units of s does the same here. A
+    text whose gradient is zero (every token dropped) is left alone.
 
     Args:
         gradient: (B, T, E) d loss / d embeddings.
         embedded: (B, T, E) the embeddings the gradient was taken at.
         mask: (B, T) True on real tokens.
-        size: the perturbation's norm per text, in units of s.
+        norm: the perturbation's L2 norm per text, in units of s.
 
     Returns:
         (B, T, E) the perturbation, zero on padding, with no gradient of its own.
@@ -279,7 +280,7 @@ def adversarial_perturbation(gradient: Tensor, embedded: Tensor, mask: Tensor, s
     gradient = gradient.detach() * mask[..., None]  # (B, T, E)
     scale = embedded.detach()[mask].float().square().mean().sqrt()  # s, a scalar
     norms = gradient.flatten(1).float().norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)  # (B,)
-    return (size * scale / norms)[:, None, None].to(gradient.dtype) * gradient  # (B, T, E)
+    return (norm * scale / norms)[:, None, None].to(gradient.dtype) * gradient  # (B, T, E)
 
 
 class ClassifierOutput(NamedTuple):
@@ -411,9 +412,9 @@ class BiGRUClassifier(nn.Module):
         Args:
             input_ids: (B, T) token ids, padded on the right.
             lengths: (B,) number of real tokens per row, each in [1, T].
-            embedded: (B, T, E) vectors to read instead of the embeddings of ``input_ids``
-                (gradient explanations pass scaled embeddings); ``input_ids`` still feed the
-                n-gram bag.
+            embedded: (B, T, E) vectors for the GRU to read as they are, instead of ``embed(input_ids)``
+                (gradient explanations pass scaled embeddings, adversarial training perturbed ones;
+                no word dropout is applied to them); ``input_ids`` still feed the n-gram bag.
 
         Returns:
             ClassifierOutput with logits (B, K) and attention (B, T); with the n-gram bag also
@@ -421,10 +422,7 @@ class BiGRUClassifier(nn.Module):
         """
         mask = lengths_to_mask(lengths.to(input_ids.device), input_ids.size(1))  # (B, T)
         if embedded is None:
-            embedded = self.embedding(input_ids)  # (B, T, E)
-        if self.training and self.embedding_dropout > 0:
-            keep = torch.rand(embedded.shape[:2], device=embedded.device) >= self.embedding_dropout  # (B, T)
-            embedded = embedded * keep[..., None] / (1 - self.embedding_dropout)
+            embedded = self.embed(input_ids)  # (B, T, E)
         states = self.gru(embedded, lengths)  # (B, T, D*H)
         pooled, weights = self.pool(states, mask)  # (B, P), (B, T)
         logits = self.classifier(self.dropout(pooled))  # (B, K)
@@ -436,6 +434,14 @@ class BiGRUClassifier(nn.Module):
         else:
             combined = self.side_weights[0] * logits + self.side_weights[1] * ngram_logits  # (B, K)
         return ClassifierOutput(combined, weights, logits, ngram_logits)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """(B, T) ids -> (B, T, E): the vectors the GRU reads, whole tokens dropped in training (word dropout)."""
+        embedded = self.embedding(input_ids)  # (B, T, E)
+        if self.training and self.embedding_dropout > 0:
+            keep = torch.rand(embedded.shape[:2], device=embedded.device) >= self.embedding_dropout  # (B, T)
+            embedded = embedded * keep[..., None] / (1 - self.embedding_dropout)
+        return embedded
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         # Checkpoints from before side weights existed served the plain sum.
