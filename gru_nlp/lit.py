@@ -176,7 +176,7 @@ class LitClassifier(L.LightningModule):
         return self._loss(output, batch["labels"])
 
     def _loss(self, output: ClassifierOutput, labels: Tensor) -> Tensor:
-        """The training loss of `output` in training (with each side's own loss, see branch_loss), else the served logits'."""
+        """The cross-entropy of the served logits, plus in training each side's own (see branch_loss)."""
         loss = self.loss_fn(output.logits.float(), labels)
         if self.training and self.hparams.branch_loss and output.ngram_logits is not None:
             branch_losses = self.loss_fn(output.gru_logits.float(), labels) + self.loss_fn(output.ngram_logits.float(), labels)

@@ -266,7 +266,7 @@ def adversarial_perturbation(gradient: Tensor, embedded: Tensor, mask: Tensor, n
     s is the root-mean-square entry of the batch's real token embeddings. The paper normalises each
     embedding dimension to unit variance, so that the embeddings cannot grow away from a perturbation
     of fixed size, and uses norm 5 on IMDB; measuring the norm in units of s does the same here. A
-    text whose gradient is zero (every token dropped) is left alone.
+    text whose gradient is zero is left alone.
 
     Args:
         gradient: (B, T, E) d loss / d embeddings.

@@ -126,7 +126,7 @@ def test_the_adversarial_step_has_its_norm_per_text_and_raises_the_loss_more_tha
         random = torch.randn_like(step) * mask[..., None]
         random = random * (step.flatten(1).norm(dim=1) / random.flatten(1).norm(dim=1))[:, None, None]
         assert adversarial > loss_at(embedded + random) and adversarial > clean
-    # A text whose gradient is zero (every token dropped in training) is left alone, not divided by zero.
+    # A text whose gradient is zero is left alone, not divided by zero.
     assert adversarial_perturbation(torch.zeros_like(gradient), embedded, mask, 1.0).abs().max() == 0
 
 
