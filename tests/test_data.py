@@ -1,4 +1,5 @@
 import csv
+import gzip
 import json
 import logging
 import math
@@ -793,8 +794,6 @@ def test_a_test_split_without_labels_is_left_out_of_a_fit_and_named_when_tested(
 
 
 def test_compressed_text_files_a_hub_data_folder_and_a_saved_dataset_load_as_the_plain_files_do(tmp_path, tokenizer_path):
-    import gzip
-
     write(tmp_path / "plain" / "train.jsonl", TRAIN)
     write(tmp_path / "plain" / "test.csv", TEST)
     (tmp_path / "gz").mkdir()
