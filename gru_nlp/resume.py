@@ -189,8 +189,9 @@ def last_checkpoint_of_this_run(
     error naming the newest and what differs, rather than a silent fresh start.
 
     Raises:
-        CheckpointError: no match among the checkpoints found; or the match was trained
-            with another tokenizer than the cached one this run has.
+        CheckpointError: no match among the checkpoints found; a ``last.ckpt`` newer than
+            the match cannot be read (truncated or corrupt); or the match was trained with
+            another tokenizer than the cached one this run has.
     """
     folders = [Path(callback.dirpath) for callback in trainer.checkpoint_callbacks if callback.dirpath]
     logger = trainer.logger
@@ -204,9 +205,13 @@ def last_checkpoint_of_this_run(
     for path in sorted(found, key=os.path.getmtime, reverse=True):
         try:
             checkpoint = load_checkpoint(path)
-        except (CheckpointError, FileNotFoundError) as error:
-            rank_zero_info(f"Not resuming {path}: {error}")
+        except FileNotFoundError:  # deleted since the search found it
             continue
+        except CheckpointError as error:  # whose run it was cannot be told: resuming an older one, or none, would lose it
+            raise CheckpointError(
+                f"--ckpt_path last: {error}. Pass --ckpt_path with another checkpoint to resume from "
+                f"({_other_checkpoints(path)}), or leave out --ckpt_path to start afresh"
+            ) from None
         theirs = _run_settings(
             checkpoint["hyper_parameters"], checkpoint.get("datamodule_hyper_parameters", {}), _saved_seed(path)
         )
@@ -236,6 +241,12 @@ def last_checkpoint_of_this_run(
             "it anyway, or leave out --ckpt_path to start afresh"
         )
     return None
+
+
+def _other_checkpoints(path: Path) -> str:
+    """The checkpoints saved beside ``path``, newest first, for an error message."""
+    others = sorted((p for p in path.parent.glob("*.ckpt") if p != path), key=os.path.getmtime, reverse=True)
+    return f"beside it: {', '.join(p.name for p in others)}" if others else "none is saved beside it"
 
 
 def keep_checkpoints_in_the_resumed_folders(trainer: Trainer, ckpt_path: str) -> None:

@@ -250,6 +250,19 @@ def test_ckpt_path_last_with_only_other_runs_is_an_error_naming_them(tmp_path, c
     assert f"the newest, {other}, differs in seed_everything" in capsys.readouterr().err
 
 
+def test_ckpt_path_last_refuses_a_truncated_last_ckpt_rather_than_start_afresh(tmp_path, capsys):
+    run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
+    (last,) = last_checkpoints(tmp_path)
+    last.write_bytes(last.read_bytes()[:20_000])  # cut off mid-write, as by a full disk
+    (epoch_checkpoint,) = [path for path in last.parent.glob("*.ckpt") if path != last]
+    with pytest.raises(SystemExit) as refused:
+        run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    assert refused.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{last}: the checkpoint is truncated or corrupt" in error and f"beside it: {epoch_checkpoint.name}" in error
+    assert len(list((tmp_path / "run").rglob("*.ckpt"))) == 2  # nothing trained, nothing written
+
+
 def test_ckpt_path_last_resumes_a_run_whose_config_yaml_is_gone(tmp_path):
     run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1"))
     (last,) = last_checkpoints(tmp_path)
