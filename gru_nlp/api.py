@@ -47,7 +47,7 @@ from tokenizers import Encoding, Tokenizer
 from torch import Tensor, nn
 
 from gru_nlp.batching import collate
-from gru_nlp.checkpoint import build_model, load_checkpoint
+from gru_nlp.checkpoint import CHECKPOINT_KEY, build_model, load_checkpoint
 from gru_nlp.gates import reference_gru, update_strength
 from gru_nlp.gru import PaddingSafeGRU, reverse_within_lengths
 from gru_nlp.labels import integer_label_ids
@@ -209,12 +209,15 @@ class TextClassifier:
         truncation: str,
         device: str = "cpu",
         quantize: bool = False,
+        integer_labels: Mapping[int, int] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.truncation = truncation
         self.device = torch.device(device)
         self._labels = list(label_names)
+        # How training read integer labels ({value: class id}; empty if it read names): gold labels are read so too.
+        self._integer_labels = None if integer_labels is None else dict(integer_labels)
         self._pad_id = model.embedding.padding_idx or 0
         self.model = model.to(self.device).eval()
         # The fp32 model explains; the serving model (possibly int8) predicts.
@@ -252,8 +255,12 @@ class TextClassifier:
             torch.empty(0, device=device)
         except (RuntimeError, AssertionError) as error:  # no such device in this torch or on this machine
             raise ValueError(f"device {device!r} is not usable here: {error}") from None
-        model, tokenizer, labels, max_length, truncation = build_model(load_checkpoint(path), source=path)
-        return cls(model, tokenizer, labels, max_length, truncation, device=device, quantize=quantize)
+        checkpoint = load_checkpoint(path)
+        model, tokenizer, labels, max_length, truncation = build_model(checkpoint, source=path)
+        integer_labels = checkpoint[CHECKPOINT_KEY].get("integer_labels")  # None in checkpoints before it
+        return cls(
+            model, tokenizer, labels, max_length, truncation, device=device, quantize=quantize, integer_labels=integer_labels
+        )
 
     @property
     def labels(self) -> list[str]:
@@ -290,8 +297,10 @@ class TextClassifier:
         """(N,) class ids of gold labels, to score predictions against: names, or integers.
 
         As training reads labels (`TextDataModule`): a string is a class name; integers are
-        class ids, unless every one is itself a class name (labels 1 and 2 of a model whose
-        classes are "1" and "2").
+        class names when every one is one (labels 1 and 2 of a model whose classes are "1" and
+        "2"), else read as the model's training read them (0 and 1 of IMDB's parquet, "neg" and
+        "pos"; no integer is a class of a model trained on names); a checkpoint from before
+        gru-nlp recorded that reads them as class ids 0..K-1.
 
         Raises:
             ValueError: a label that is not one of this model's classes, named with its position.
@@ -303,14 +312,15 @@ class TextClassifier:
         numbers = all(isinstance(label, int | float | np.integer | np.floating | np.bool_) and float(label).is_integer() for label in labels)
         if numbers:  # booleans stay booleans, to be matched with classes "False" and "True" as training does
             labels = [bool(label) if isinstance(label, bool | np.bool_) else int(label) for label in labels]
-            lookup = integer_label_ids(labels, self.labels)
+            lookup = integer_label_ids(labels, self.labels, self._integer_labels)
         else:
             lookup = {name: i for i, name in enumerate(self.labels)}
         ids = []
         for position, label in enumerate(labels):
             class_id = lookup.get(label)
             if class_id is None:
-                raise ValueError(f"label {label!r} at position {position} is not one of the model's classes {self.labels}")
+                hint = "; it was trained on labels written as these names" if numbers and self._integer_labels == {} else ""
+                raise ValueError(f"label {label!r} at position {position} is not one of the model's classes {self.labels}{hint}")
             ids.append(class_id)
         return np.array(ids, dtype=np.int64)
 

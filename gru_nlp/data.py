@@ -206,6 +206,10 @@ class TextDataModule(L.LightningDataModule):
         self._unlabelled_test: str | None = None  # why the test split was not read, if it has no labels
         self._predict_split: Dataset | None = None  # columns text, source_row
         self._label_names: list[str] = []
+        self._integer_label_ids: dict[int, int] = {}  # how the training split's integer labels became class ids
+        # Set for a checkpoint being scored or resumed: how its training read integer labels ({value: class id},
+        # empty if it read names). None: integer labels with label_names given are class ids 0..K-1.
+        self.trained_integer_labels: dict[int, int] | None = None
         self._tokenizer: Tokenizer | None = None
         self._encoded: dict[str, Dataset] = {}  # role -> columns labels, input_ids, length, index
 
@@ -236,6 +240,13 @@ class TextDataModule(L.LightningDataModule):
             return list(self._requested_label_names)  # what reading the labels would give, or an error
         self._text_splits()
         return list(self._label_names)
+
+    @property
+    def integer_label_ids(self) -> dict[int, int]:
+        """How the training split's integer labels (or `ClassLabel` ids) became class ids; empty when its
+        labels are names. Checkpoints keep it, so that scoring reads integer labels as training did."""
+        self._text_splits()
+        return dict(self._integer_label_ids)
 
     @property
     def num_classes(self) -> int:
@@ -418,7 +429,9 @@ class TextDataModule(L.LightningDataModule):
             self._requested_label_names,
             hp.train_split,
             sources[hp.train_split],
+            self.trained_integer_labels,
         )
+        self._integer_label_ids = {value: i for value, i in label_ids.items() if not isinstance(value, str)}
         splits = {}
         for role, (dataset, kept, labels) in rows.items():
             split = named[role]
@@ -500,7 +513,7 @@ class TextDataModule(L.LightningDataModule):
         if isinstance(feature, ClassLabel) and set(feature.names) <= set(names):
             label_ids = _split_label_ids(labels, feature, None, {}, names)  # its classes, by name
         else:
-            label_ids = _label_ids(feature, labels, names, split, source)[1]
+            label_ids = _label_ids(feature, labels, names, split, source, self.trained_integer_labels)[1]
         self._label_names = names
         test = self._labelled_split(dataset, kept, labels, label_ids, split, source)
         rank_zero_info(self._summary({"test": test}, {"test": split}, label_ids))
@@ -721,9 +734,15 @@ def _rows_with_text(texts: list, split: str, source: str, text_field: str) -> li
 
 
 def _label_ids(
-    feature: Any, labels: list, label_names: list[str] | None, split: str, source: str
+    feature: Any,
+    labels: list,
+    label_names: list[str] | None,
+    split: str,
+    source: str,
+    trained_integer_labels: dict[int, int] | None = None,
 ) -> tuple[list[str], dict[Any, int]]:
-    """The class names and the map from label value to class id, decided by the training split."""
+    """The class names and the map from label value to class id, decided by the training split (or, scoring
+    a checkpoint, by its label names and `trained_integer_labels`: `integer_label_ids`)."""
     if isinstance(feature, ClassLabel):
         names = label_names or feature.names
         if len(names) != feature.num_classes:
@@ -745,7 +764,7 @@ def _label_ids(
         # Booleans stay booleans, named "False" and "True" (ids 0 and 1, unless label_names name them).
         values = sorted({label if isinstance(label, bool) else int(label) for label in labels})
         if label_names:
-            names, ids = label_names, integer_label_ids(values, label_names)
+            names, ids = label_names, integer_label_ids(values, label_names, trained_integer_labels)
         else:
             names, ids = [str(value) for value in values], {value: i for i, value in enumerate(values)}
     else:
@@ -814,12 +833,18 @@ def _check_labels(
             shown = f"{label!r} ({feature.names[label]!r})" if named else repr(label)
             values = list(label_ids)
             classes = repr(class_names) if values == class_names else f"{class_names} (label values {values})"
-            given = (
-                " that label_names gives (a config's own, or those of the checkpoint being scored or resumed, "
-                "which fit only the dataset they were written for)"
-                if names_given
-                else ""
-            )
+            if not values:  # integer labels, for a checkpoint whose training read names
+                classes, given = repr(class_names), (
+                    ": the checkpoint being scored or resumed was trained on labels written as these names, "
+                    "so an integer is none of them; write the labels as names"
+                )
+            elif names_given:
+                given = (
+                    " that label_names gives (a config's own, or those of the checkpoint being scored or resumed, "
+                    "which fit only the dataset they were written for)"
+                )
+            else:
+                given = ""
             raise DataError(f"label {shown} at row {row} of split {split!r} ({source}) is not one of the classes {classes}{given}")
 
 

@@ -29,7 +29,7 @@ from gru_nlp.callbacks import (
     ResumeCheckpoint,
     check_output_folder,
 )
-from gru_nlp.checkpoint import CheckpointError
+from gru_nlp.checkpoint import CHECKPOINT_KEY, CheckpointError
 from gru_nlp.data import DataError, TextDataModule
 from gru_nlp.encoder import EncoderError
 from gru_nlp.lit import LitClassifier
@@ -84,6 +84,7 @@ class GruNlpCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
+        self._trained_integer_labels: dict[int, int] | None = None  # a --ckpt_path's, for the data module
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         ckpt_path = config.get("ckpt_path")
@@ -100,6 +101,7 @@ class GruNlpCLI(LightningCLI):
             return
         checkpoint = read_ckpt_path(ckpt_path)
         adopt_the_checkpoints_encoding(config.data, checkpoint, ckpt_path)
+        self._trained_integer_labels = checkpoint[CHECKPOINT_KEY].get("integer_labels")  # older checkpoints: None
         trained_model = checkpoint.get("hyper_parameters", {})
         if subcommand == "fit":
             check_resumed_model_settings(config.model, trained_model, ckpt_path)
@@ -134,6 +136,12 @@ class GruNlpCLI(LightningCLI):
         for folder in filter(None, folders):
             check_output_folder(folder)
         _check_model_settings(config.model)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # Not a data setting (the config holds none of it): what the checkpoint recorded of its training data.
+        if isinstance(self.datamodule, TextDataModule):
+            self.datamodule.trained_integer_labels = self._trained_integer_labels
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -248,6 +248,20 @@ def test_class_ids_read_gold_labels_as_training_does(classifier):
         classifier.class_ids("pos")
 
 
+def test_class_ids_read_integer_labels_as_the_checkpoints_training_did(classifier):
+    def served(integer_labels):
+        model, tokenizer = classifier.model, classifier.tokenizer
+        return TextClassifier(model, tokenizer, classifier.labels, 9, "head_tail", integer_labels=integer_labels)
+
+    trained_on_names = served({})
+    assert trained_on_names.class_ids(["pos", "neg"]).tolist() == [2, 0]
+    with pytest.raises(ValueError, match=r"label 0 at position 0 .* trained on labels written as these names"):
+        trained_on_names.class_ids([0, 2])  # by position it would be "neg", a guess
+    assert served({5: 0, 3: 1, 1: 2}).class_ids([1, 3, 5]).tolist() == [2, 1, 0]  # star ratings, as training read them
+    with pytest.raises(ValueError, match="label 0 at position 0"):
+        served({5: 0, 3: 1, 1: 2}).class_ids([0, 1])
+
+
 def test_an_explanation_as_json_and_explain_given_a_list(classifier):
     explanation = classifier.explain("a bad dull film")
     record = json.loads(json.dumps(explanation.to_dict()))

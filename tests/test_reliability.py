@@ -329,6 +329,34 @@ def test_testing_a_checkpoint_uses_the_label_names_it_was_trained_with(tmp_path,
         run_cli([*test_args, "--data.label_names", "[neg, pos]"])
     assert refused.value.code == 2
     assert f"{best}: was trained with the labels ['pos', 'neg']" in capsys.readouterr().err
+    # Trained on names, it has no integer classes: by position, 0 would be "pos" here, a guess.
+    numbered = numbered_tiny_data(tmp_path / "numbered")
+    with pytest.raises(SystemExit) as refused:
+        run_cli([*test_args, "--data.path", str(numbered)])
+    assert refused.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("gru-nlp: error: label 1 at row 0 of split 'test'") and "trained on labels written as these names" in error
+
+
+def numbered_tiny_data(folder: Path) -> Path:
+    """The tiny fixture with its labels written as 0 (neg) and 1 (pos), as IMDB's parquet stores them."""
+    folder.mkdir()
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in (REPO / f"tests/fixtures/tiny/{split}.jsonl").read_text().splitlines()]
+        lines = [json.dumps({"text": row["text"], "label": ["neg", "pos"].index(row["label"])}) for row in rows]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_a_checkpoint_trained_on_integer_labels_reads_them_as_its_training_did(tmp_path):
+    numbered = numbered_tiny_data(tmp_path / "numbered")
+    fit = run_cli(tiny_args(tmp_path, "--trainer.max_epochs", "1", "--data.path", str(numbered), "--data.label_names", "[neg, pos]"))
+    best = fit.trainer.checkpoint_callback.best_model_path
+    assert torch.load(best, weights_only=False)["gru_nlp"]["integer_labels"] == {0: 0, 1: 1}
+    (expected,) = fit.trainer.test(ckpt_path=best, datamodule=fit.datamodule, verbose=False)
+    for data in (numbered, REPO / "tests/fixtures/tiny"):  # its 0 and 1, or the names they stand for
+        tested = run_cli(["test", *tiny_args(tmp_path, "--data.path", str(data), "--ckpt_path", best)[1:]])
+        assert tested.trainer.callback_metrics["test/acc"].item() == pytest.approx(expected["test/acc"]), data
 
 
 @pytest.mark.parametrize(
