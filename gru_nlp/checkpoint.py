@@ -113,6 +113,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: label_names must be a list of distinct strings, got {labels!r}")
     if len(labels) != num_classes:
         raise CheckpointError(f"{path}: {len(labels)} label names for a model with num_classes={num_classes}")
+    integer_labels = extras.get("integer_labels")  # absent in checkpoints saved before it was recorded
+    if integer_labels is not None and not (
+        isinstance(integer_labels, dict)
+        and all(isinstance(value, int) and isinstance(i, int) and 0 <= i < num_classes for value, i in integer_labels.items())
+    ):
+        raise CheckpointError(
+            f"{path}: integer_labels must map integer labels to class ids 0..{num_classes - 1}, got {integer_labels!r:.200}"
+        )
     max_length = extras["max_length"]
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
         raise CheckpointError(f"{path}: max_length must be a positive integer, got {max_length!r}")

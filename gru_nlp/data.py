@@ -475,7 +475,8 @@ class TextDataModule(L.LightningDataModule):
         hp = self.hparams
         feature = dataset.features[hp.label_field]
         given = self._requested_label_names is not None
-        _check_labels(labels, kept, label_ids, feature, self._label_names, split, source, given)
+        trained_on_names = self.trained_integer_labels == {}
+        _check_labels(labels, kept, label_ids, feature, self._label_names, split, source, given, trained_on_names)
         skipped = len(kept) < len(dataset)
         if skipped:
             dataset = dataset.select(kept)
@@ -826,14 +827,17 @@ def _check_labels(
     split: str,
     source: str,
     names_given: bool = False,
+    trained_on_names: bool = False,
 ) -> None:
+    """Raise a DataError naming the first row whose label is no class. `trained_on_names`: the labels are read for
+    a checkpoint whose training read its labels as names (so an integer is none of them)."""
     for row, label in zip(rows, labels, strict=True):
         if not isinstance(label, str | int | float) or label not in label_ids:
             named = isinstance(feature, ClassLabel) and isinstance(label, int) and 0 <= label < feature.num_classes
             shown = f"{label!r} ({feature.names[label]!r})" if named else repr(label)
             values = list(label_ids)
             classes = repr(class_names) if values == class_names else f"{class_names} (label values {values})"
-            if not values:  # integer labels, for a checkpoint whose training read names
+            if trained_on_names and isinstance(label, int | float) and not isinstance(feature, ClassLabel):
                 classes, given = repr(class_names), (
                     ": the checkpoint being scored or resumed was trained on labels written as these names, "
                     "so an integer is none of them; write the labels as names"

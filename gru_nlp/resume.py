@@ -190,8 +190,8 @@ def last_checkpoint_of_this_run(
 
     Raises:
         CheckpointError: no match among the checkpoints found; a ``last.ckpt`` newer than
-            the match cannot be read (truncated or corrupt); or the match was trained with
-            another tokenizer than the cached one this run has.
+            the match cannot be read (truncated, corrupt or not a gru-nlp checkpoint); or the
+            match was trained with another tokenizer than the cached one this run has.
     """
     folders = [Path(callback.dirpath) for callback in trainer.checkpoint_callbacks if callback.dirpath]
     logger = trainer.logger
@@ -210,7 +210,8 @@ def last_checkpoint_of_this_run(
         except CheckpointError as error:  # whose run it was cannot be told: resuming an older one, or none, would lose it
             raise CheckpointError(
                 f"--ckpt_path last: {error}. Pass --ckpt_path with another checkpoint to resume from "
-                f"({_other_checkpoints(path)}), or leave out --ckpt_path to start afresh"
+                f"({_other_checkpoints(path)}), move the file away if it is another run's, or leave out "
+                "--ckpt_path to start afresh"
             ) from None
         theirs = _run_settings(
             checkpoint["hyper_parameters"], checkpoint.get("datamodule_hyper_parameters", {}), _saved_seed(path)

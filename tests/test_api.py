@@ -260,6 +260,10 @@ def test_class_ids_read_integer_labels_as_the_checkpoints_training_did(classifie
     assert served({5: 0, 3: 1, 1: 2}).class_ids([1, 3, 5]).tolist() == [2, 1, 0]  # star ratings, as training read them
     with pytest.raises(ValueError, match="label 0 at position 0"):
         served({5: 0, 3: 1, 1: 2}).class_ids([0, 1])
+    # Trained on 0, 1, 2 by position, with classes named "1", "2", "3": the record wins over the names.
+    model, tokenizer = classifier.model, classifier.tokenizer
+    by_position = TextClassifier(model, tokenizer, ["1", "2", "3"], 9, "head_tail", integer_labels={0: 0, 1: 1, 2: 2})
+    assert by_position.class_ids([1, 2]).tolist() == [1, 2]
 
 
 def test_an_explanation_as_json_and_explain_given_a_list(classifier):

@@ -123,8 +123,11 @@ def _set(section: str, key: str, value) -> Callable[[dict], None]:
         (_set("gru_nlp", "truncation", "tail"), "truncation"),
         (lambda data: data["gru_nlp"].pop("tokenizer"), "no 'tokenizer'"),
         (lambda data: data["hyper_parameters"].pop("hidden_size"), "lack hidden_size"),
+        (_set("gru_nlp", "integer_labels", [0, 1, 2]), "integer_labels must map integer labels to class ids 0..2"),
+        (_set("gru_nlp", "integer_labels", {0: 0, 1: 3}), "integer_labels must map"),
     ],
-    ids=["format", "label-count", "label-duplicate", "label-type", "max-length", "truncation", "no-tokenizer", "hparam"],
+    ids=["format", "label-count", "label-duplicate", "label-type", "max-length", "truncation", "no-tokenizer", "hparam",
+         "integer-labels-type", "integer-labels-id"],  # fmt: skip
 )
 def test_bad_metadata(tiny_checkpoint, tmp_path, mutate, message):
     path = resave(tiny_checkpoint, tmp_path / "bad.ckpt", mutate)
