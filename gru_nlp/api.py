@@ -296,11 +296,11 @@ class TextClassifier:
     def class_ids(self, labels: Iterable[str | int]) -> np.ndarray:
         """(N,) class ids of gold labels, to score predictions against: names, or integers.
 
-        As training reads labels (`TextDataModule`): a string is a class name; integers are
-        class names when every one is one (labels 1 and 2 of a model whose classes are "1" and
-        "2"), else read as the model's training read them (0 and 1 of IMDB's parquet, "neg" and
-        "pos"; no integer is a class of a model trained on names); a checkpoint from before
-        gru-nlp recorded that reads them as class ids 0..K-1.
+        As training reads labels (`TextDataModule`): a string is a class name; integers are read
+        as the model's training read them, which its checkpoint records (0 and 1 of IMDB's parquet
+        are "neg" and "pos"). A model trained on names takes integers only when each is one of its
+        names (labels 1 and 2 of classes "1" and "2"); a checkpoint from before the record reads
+        them so too, else as class ids 0..K-1.
 
         Raises:
             ValueError: a label that is not one of this model's classes, named with its position.
