@@ -836,9 +836,9 @@ def _check_labels(
             named = isinstance(feature, ClassLabel) and isinstance(label, int) and 0 <= label < feature.num_classes
             shown = f"{label!r} ({feature.names[label]!r})" if named else repr(label)
             values = list(label_ids)
-            classes = repr(class_names) if values == class_names else f"{class_names} (label values {values})"
+            classes = repr(class_names) if values in ([], class_names) else f"{class_names} (label values {values})"
             if trained_on_names and isinstance(label, int | float) and not isinstance(feature, ClassLabel):
-                classes, given = repr(class_names), (
+                given = (
                     ": the checkpoint being scored or resumed was trained on labels written as these names, "
                     "so an integer is none of them; write the labels as names"
                 )

@@ -327,8 +327,9 @@ class LitClassifier(L.LightningModule):
                     "store them so that text is encoded in use as in training"
                 )
             self.inference_config = {"tokenizer": datamodule.tokenizer.to_str(), **encoding}
-            if hasattr(datamodule, "integer_label_ids"):  # so that scoring reads integer labels as training did
-                self.inference_config["integer_labels"] = datamodule.integer_label_ids
+            integer_labels = getattr(datamodule, "integer_label_ids", None)  # so that scoring reads them as training did
+            if integer_labels is not None:
+                self.inference_config["integer_labels"] = integer_labels
             log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
             if self.trainer.is_global_zero and log_dir:
                 # The run folder carries its tokenizer too, for tools that read it without a checkpoint.
